@@ -1,0 +1,223 @@
+"""A site's frames decoded once and kept on its own disk, on the model's grid.
+
+Layout: ``CACHE_DIR/<grid key>/manifest.json`` and ``images.npy`` (float16 HU, one row per
+frame). A file's entry is reused while its size and modification time are unchanged; when they
+change its content digest decides (as git's index does), so a touched-but-identical file is not
+decoded again and an edited one always is. Different grid settings live in different folders.
+Windowing happens after the cache, so changing windows never rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from common.dicom_io import CTFrame, UnusableFileError, read_ct_file
+from common.preprocess import GridConfig, to_model_grid
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """What is kept of a :class:`~common.dicom_io.CTFrame` besides its pixels."""
+
+    sop_instance_uid: str
+    frame: int
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    position: float | None
+    instance_number: int | None
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    manufacturer: str
+    model: str
+    hu_min: float
+    hu_max: float
+    rows: int
+    cols: int
+
+    @classmethod
+    def of(cls, frame: CTFrame) -> FrameMeta:
+        fields = {k: v for k, v in vars(frame).items() if k != "hu"}
+        return cls(**fields, rows=frame.hu.shape[0], cols=frame.hu.shape[1])
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FrameMeta:
+        spacing = data.get("pixel_spacing")
+        return cls(**{**data, "pixel_spacing": tuple(spacing) if spacing else None})
+
+
+@dataclass
+class FileEntry:
+    size: int
+    mtime_ns: int
+    digest: str
+    skip: str | None = None
+    frames: list[FrameMeta] = field(default_factory=list)
+    row: int = 0  # first row of this file's frames in the image array
+
+
+@dataclass
+class DecodedSite:
+    """Every candidate file's entry (usable or skipped) and the frames' pixels on the grid."""
+
+    entries: dict[str, FileEntry]
+    images: np.ndarray  # (N, S, S) float16, rows indexed by FileEntry.row + frame
+    decoded: int  # files decoded in this call (0 when everything came from the cache)
+
+
+Decoder = Callable[[Path, bytes], list[CTFrame]]
+
+
+def decode_site(
+    site: Path,
+    files: list[str],
+    grid: GridConfig,
+    cache_dir: Path | None,
+    *,
+    progress: bool = True,
+    decoder: Decoder = lambda path, data: read_ct_file(path, data),
+) -> DecodedSite:
+    """Decode ``files`` (relative to ``site``) onto ``grid``, reusing ``cache_dir`` if given."""
+    folder = cache_dir / grid.key() if cache_dir is not None else None
+    old_entries, old_images = _load(folder, grid) if folder is not None else ({}, None)
+
+    entries: dict[str, FileEntry] = {}
+    chunks: list[np.ndarray] = []
+    row = decoded = 0
+    changed = set(old_entries) != set(files)
+    bar = tqdm(files, desc=f"reading {site.name}", unit="file", disable=not progress or None,
+               leave=False)
+    for rel in bar:
+        path = site / rel
+        entry, pixels = _reuse(path, old_entries.get(rel), old_images)
+        if entry is None:
+            entry, pixels = _decode_file(path, grid, decoder)
+            decoded += 1
+            changed = True
+        elif entry is not old_entries.get(rel) or entry.row != row:
+            changed = True
+        entry.row = row
+        entries[rel] = entry
+        if pixels is not None and len(pixels):
+            chunks.append(pixels)
+            row += len(pixels)
+    bar.close()
+
+    size = grid.image_size
+    if not changed and old_images is not None:
+        images = old_images
+    else:
+        images = (np.concatenate(chunks) if chunks else np.zeros((0, size, size))).astype(np.float16)
+        if folder is not None:
+            _save(folder, grid, entries, images)
+            images = np.load(folder / "images.npy", mmap_mode="r")
+    if decoded:
+        log.debug("decoded %d of %d files of %s", decoded, len(files), site.name)
+    return DecodedSite(entries, images, decoded)
+
+
+def _reuse(
+    path: Path, old: FileEntry | None, old_images: np.ndarray | None
+) -> tuple[FileEntry | None, np.ndarray | None]:
+    """The cached entry and pixels of ``path`` if its content is unchanged, else ``(None, None)``."""
+    if old is None or (old_images is None and old.frames):
+        return None, None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None, None
+    if (stat.st_size, stat.st_mtime_ns) != (old.size, old.mtime_ns):
+        if stat.st_size != old.size or _digest(path.read_bytes()) != old.digest:
+            return None, None
+        old = FileEntry(stat.st_size, stat.st_mtime_ns, old.digest, old.skip, old.frames, old.row)
+    pixels = old_images[old.row : old.row + len(old.frames)] if old_images is not None else None
+    return old, pixels
+
+
+def _decode_file(
+    path: Path, grid: GridConfig, decoder: Decoder
+) -> tuple[FileEntry, np.ndarray | None]:
+    try:
+        data = path.read_bytes()
+        stat = path.stat()
+    except OSError as err:
+        return FileEntry(0, 0, "", skip=f"cannot be read: {err.strerror or err}"), None
+    entry = FileEntry(len(data), stat.st_mtime_ns, _digest(data))
+    try:
+        frames = decoder(path, data)
+    except UnusableFileError as err:
+        entry.skip = err.reason
+        return entry, None
+    entry.frames = [FrameMeta.of(f) for f in frames]
+    pixels = np.stack([to_model_grid(f.hu, f.pixel_spacing, grid) for f in frames])
+    return entry, pixels.astype(np.float16)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _load(folder: Path, grid: GridConfig) -> tuple[dict[str, FileEntry], np.ndarray | None]:
+    manifest_path, images_path = folder / "manifest.json", folder / "images.npy"
+    if not manifest_path.is_file() or not images_path.is_file():
+        return {}, None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("version") != MANIFEST_VERSION or manifest.get("grid") != asdict(grid):
+            return {}, None
+        entries = {
+            rel: FileEntry(
+                e["size"], e["mtime_ns"], e["digest"], e.get("skip"),
+                [FrameMeta.from_json(f) for f in e.get("frames", [])], e.get("row", 0),
+            )
+            for rel, e in manifest["files"].items()
+        }
+        images = np.load(images_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # A damaged cache only costs a rebuild: the DICOM files are the source of truth.
+        log.warning("ignoring the damaged frame cache in %s (%s); rebuilding it", folder, err)
+        return {}, None
+    expected = sum(len(e.frames) for e in entries.values())
+    if images.ndim != 3 or images.shape[0] != expected:
+        log.warning("frame cache in %s does not match its manifest; rebuilding it", folder)
+        return {}, None
+    return entries, images
+
+
+def _save(folder: Path, grid: GridConfig, entries: dict[str, FileEntry], images: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "grid": asdict(grid),
+        "files": {rel: asdict(e) for rel, e in entries.items()},
+    }
+    # Write both files under temporary names, then rename: a crash never leaves a cache whose
+    # manifest and images disagree (and _load checks that they agree anyway).
+    _atomic_write(folder / "images.npy", lambda h: np.save(h, images, allow_pickle=False))
+    _atomic_write(folder / "manifest.json", lambda h: h.write(json.dumps(manifest).encode()))
+
+
+def _atomic_write(target: Path, write: Callable[[Any], object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

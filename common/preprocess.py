@@ -1,0 +1,182 @@
+"""From a HU frame of any matrix and pixel spacing to the model's square grid, and from HU to
+windowed network input.
+
+Two stages, split where the cache sits: :func:`to_model_grid` (geometry; its output is cached per
+site) and :func:`apply_windows` (intensity; cheap, applied on every load so window jitter can be
+a real augmentation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from common.dicom_io import HU_AIR
+from common.errors import ConfigError
+
+# Bump when to_model_grid's output changes for the same inputs: it invalidates every site cache.
+GRID_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Window:
+    """A CT display window: HU in [center - width/2, center + width/2] maps to [0, 1]."""
+
+    center: float
+    width: float
+
+    def __post_init__(self) -> None:
+        if self.width <= 0:
+            raise ConfigError(f"window width must be positive, got {self.width}")
+
+
+WINDOW_PRESETS: dict[str, Window] = {
+    "lung": Window(-600.0, 1500.0),
+    "mediastinum": Window(40.0, 400.0),
+    "bone": Window(400.0, 1800.0),
+}
+
+
+def parse_windows(spec: str | Sequence[str]) -> tuple[Window, ...]:
+    """Windows from names and/or ``center/width`` pairs, e.g. ``"lung,mediastinum,bone"`` or
+    ``"lung,-160/240"``."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not items:
+        raise ConfigError("no CT window given; use e.g. 'lung' or 'lung,mediastinum,bone'")
+    windows = []
+    for item in items:
+        if item in WINDOW_PRESETS:
+            windows.append(WINDOW_PRESETS[item])
+            continue
+        try:
+            center, width = (float(v) for v in item.split("/"))
+        except ValueError:
+            raise ConfigError(
+                f"unknown CT window {item!r}: use one of {sorted(WINDOW_PRESETS)} "
+                "or CENTER/WIDTH in HU, e.g. -600/1500"
+            ) from None
+        windows.append(Window(center, width))
+    return tuple(windows)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """How frames are put on the model's square grid (the cached part of preprocessing).
+
+    ``target_spacing_mm`` resamples every scan to that pixel size (then crops/pads to the grid),
+    so a nodule has the same size in pixels at every hospital; ``None`` fits the whole field of
+    view into the grid, keeping the aspect ratio.
+    """
+
+    image_size: int = 64
+    target_spacing_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.image_size <= 1024:
+            raise ConfigError(f"image size must be between 16 and 1024 px, got {self.image_size}")
+        if self.target_spacing_mm is not None and not 0.05 <= self.target_spacing_mm <= 20:
+            raise ConfigError(
+                f"target pixel spacing must be between 0.05 and 20 mm, got {self.target_spacing_mm}"
+            )
+
+    def key(self) -> str:
+        """A short stable key naming the cache of frames preprocessed with these settings."""
+        payload = json.dumps({"v": GRID_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    grid: GridConfig = field(default_factory=GridConfig)
+    windows: tuple[Window, ...] = (
+        WINDOW_PRESETS["lung"],
+        WINDOW_PRESETS["mediastinum"],
+        WINDOW_PRESETS["bone"],
+    )
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows)
+
+
+def to_model_grid(
+    hu: np.ndarray,
+    pixel_spacing: tuple[float, float] | None,
+    grid: GridConfig,
+    *,
+    fill: float = HU_AIR,
+    interpolation: int = cv2.INTER_AREA,
+) -> np.ndarray:
+    """Resample a 2-D HU frame onto the ``image_size`` square grid; returns float32.
+
+    Physical aspect ratio is kept (non-square pixels included); the border is ``fill`` (air).
+    Masks go through the same function with ``fill=0`` and nearest-neighbour interpolation.
+    """
+    rows, cols = hu.shape
+    row_mm, col_mm = pixel_spacing if pixel_spacing else (1.0, 1.0)
+    size = grid.image_size
+    if grid.target_spacing_mm is not None and pixel_spacing:
+        px_per_mm = 1.0 / grid.target_spacing_mm
+    else:  # fit the whole field of view
+        px_per_mm = size / max(rows * row_mm, cols * col_mm)
+    out_rows = max(1, round(rows * row_mm * px_per_mm))
+    out_cols = max(1, round(cols * col_mm * px_per_mm))
+    if (out_rows, out_cols) != (rows, cols):
+        # cv2's INTER_AREA is the standard anti-aliased downsampler and ~10x faster than
+        # torch's antialiased interpolate on the CPU; upsampling uses bilinear.
+        method = interpolation
+        if interpolation == cv2.INTER_AREA and (out_rows > rows or out_cols > cols):
+            method = cv2.INTER_LINEAR
+        resized = cv2.resize(hu.astype(np.float32, copy=False), (out_cols, out_rows),
+                             interpolation=method)
+    else:
+        resized = hu.astype(np.float32, copy=False)
+    return _center_on_grid(resized, size, fill)
+
+
+def _center_on_grid(image: np.ndarray, size: int, fill: float) -> np.ndarray:
+    out = np.full((size, size), fill, dtype=np.float32)
+    rows, cols = image.shape
+    src_r, dst_r = _overlap(rows, size)
+    src_c, dst_c = _overlap(cols, size)
+    out[dst_r, dst_c] = image[src_r, src_c]
+    return out
+
+
+def _overlap(n: int, size: int) -> tuple[slice, slice]:
+    """Centered source/destination slices for placing length ``n`` into length ``size``."""
+    if n >= size:
+        start = (n - size) // 2
+        return slice(start, start + size), slice(0, size)
+    start = (size - n) // 2
+    return slice(0, n), slice(start, start + n)
+
+
+def apply_windows(hu: torch.Tensor, windows: Sequence[Window]) -> torch.Tensor:
+    """Map HU (``(..., 1, H, W)`` or ``(..., H, W)``) to one [0, 1] channel per window."""
+    if hu.dim() >= 3 and hu.shape[-3] == 1:
+        hu = hu.squeeze(-3)
+    lows = torch.tensor([w.center - w.width / 2 for w in windows], dtype=torch.float32)
+    widths = torch.tensor([w.width for w in windows], dtype=torch.float32)
+    shape = (-1, 1, 1)
+    x = (hu.float().unsqueeze(-3) - lows.view(shape)) / widths.view(shape)
+    return x.clamp_(0.0, 1.0)
+
+
+# ImageNet statistics, so windowed CT meets a pretrained ResNet's first layer on the scale it
+# was trained for; one-channel input uses their mean.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+    return (mean,) * channels, (std,) * channels

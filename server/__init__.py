@@ -1,0 +1,1 @@
+"""The aggregation side of FedCT: Flower ServerApp, strategies, checkpoints."""

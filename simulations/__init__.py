@@ -1,0 +1,1 @@
+"""Synthetic hospitals, the local multi-site driver, baselines and benchmarks."""
