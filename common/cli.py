@@ -37,12 +37,21 @@ GROUPS: dict[str, str] = {
 }
 
 COMMANDS: tuple[Command, ...] = (
-    Command(("data", "inspect"), "common.data_cli",
-            "Report what FedCT finds in a hospital's DICOM folder, and every skipped file."),
-    Command(("data", "synth"), "simulations.synth_cli",
-            "Write synthetic hospitals of real DICOM CT series (for simulations and tests)."),
-    Command(("simulate",), "simulations.simulate_cli",
-            "Simulate a multi-hospital federation on this machine and write a report."),
+    Command(
+        ("data", "inspect"),
+        "common.data_cli",
+        "Report what FedCT finds in a hospital's DICOM folder, and every skipped file.",
+    ),
+    Command(
+        ("data", "synth"),
+        "simulations.synth_cli",
+        "Write synthetic hospitals of real DICOM CT series (for simulations and tests).",
+    ),
+    Command(
+        ("simulate",),
+        "simulations.simulate_cli",
+        "Simulate a multi-hospital federation on this machine and write a report.",
+    ),
 )
 
 
@@ -74,7 +83,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     top = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     chosen = _chosen(argv)
-    subparsers: dict[tuple[str, ...], argparse._SubParsersAction] = {(): top}  # type: ignore[type-arg]
+    subparsers: dict[tuple[str, ...], argparse._SubParsersAction] = {(): top}
     for command in COMMANDS:
         for depth in range(1, len(command.path) + 1):
             prefix = command.path[:depth]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,14 @@ def read_ct_file(path: str | Path, data: bytes | None = None) -> list[CTFrame]:
     Raises :class:`UnusableFileError` with a one-line reason for anything that is not a
     decodable grayscale CT image.
     """
-    source: Any = io.BytesIO(data) if data is not None else str(path)
+    with warnings.catch_warnings():
+        # pydicom's value-validation warnings quote header values verbatim, which can be
+        # patient identifiers; they must not reach logs. Only these, only while reading.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+        return _read(io.BytesIO(data) if data is not None else str(path))
+
+
+def _read(source: Any) -> list[CTFrame]:
     ds = _parse(source)
     _check_is_ct(ds)
     pixels = _decode(ds)
@@ -76,11 +84,13 @@ def read_ct_file(path: str | Path, data: bytes | None = None) -> list[CTFrame]:
     if n_frames == 1 and pixels.ndim == 2:
         pixels = pixels[np.newaxis]
     if pixels.ndim != 3 or pixels.shape[0] != n_frames:
-        raise UnusableFileError(f"unexpected pixel array shape {pixels.shape} for {n_frames} frame(s)")
+        raise UnusableFileError(
+            f"unexpected pixel array shape {pixels.shape} for {n_frames} frame(s)"
+        )
 
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    padding = _padding_mask_fn(ds)
+    padding = _padding_range(ds)
     frames = []
     for index in range(n_frames):
         groups = [g for g in (per_frame[index] if index < len(per_frame) else None, shared) if g]
@@ -114,7 +124,7 @@ def _check_is_ct(ds: Dataset) -> None:
         what = f"modality {modality}" if modality else "no modality"
         raise UnusableFileError(f"{what}, not CT")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise UnusableFileError("no pixel data")
+        raise UnusableFileError("no pixel data (not an image, or the file is truncated)")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise UnusableFileError("not a grayscale image (SamplesPerPixel > 1)")
 
@@ -125,7 +135,11 @@ def _decode(ds: Dataset) -> np.ndarray:
         return ds.pixel_array
     except (NotImplementedError, RuntimeError) as err:
         name = getattr(syntax, "name", str(syntax))
-        if "plugin" in str(err).lower() or "decod" in str(err).lower() or "support" in str(err).lower():
+        if (
+            "plugin" in str(err).lower()
+            or "decod" in str(err).lower()
+            or "support" in str(err).lower()
+        ):
             raise UnusableFileError(
                 f"compressed as '{name}' and no installed decoder handles it "
                 "(FedCT installs pylibjpeg, pylibjpeg-libjpeg, -openjpeg and -rle)"
@@ -151,7 +165,7 @@ def _lookup(ds: Dataset, groups: Sequence[Dataset], macro: str, keyword: str) ->
     return ds.get(keyword)
 
 
-def _padding_mask_fn(ds: Dataset) -> tuple[float, float] | None:
+def _padding_range(ds: Dataset) -> tuple[float, float] | None:
     """The inclusive range of stored values that mark padding (outside the patient), if any."""
     if "PixelPaddingValue" not in ds:
         return None

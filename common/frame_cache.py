@@ -100,8 +100,9 @@ def decode_site(
     chunks: list[np.ndarray] = []
     row = decoded = 0
     changed = set(old_entries) != set(files)
-    bar = tqdm(files, desc=f"reading {site.name}", unit="file", disable=not progress or None,
-               leave=False)
+    bar = tqdm(
+        files, desc=f"reading {site.name}", unit="file", disable=not progress or None, leave=False
+    )
     for rel in bar:
         path = site / rel
         entry, pixels = _reuse(path, old_entries.get(rel), old_images)
@@ -122,7 +123,9 @@ def decode_site(
     if not changed and old_images is not None:
         images = old_images
     else:
-        images = (np.concatenate(chunks) if chunks else np.zeros((0, size, size))).astype(np.float16)
+        images = (np.concatenate(chunks) if chunks else np.zeros((0, size, size))).astype(
+            np.float16
+        )
         if folder is not None:
             _save(folder, grid, entries, images)
             images = np.load(folder / "images.npy", mmap_mode="r")
@@ -134,7 +137,7 @@ def decode_site(
 def _reuse(
     path: Path, old: FileEntry | None, old_images: np.ndarray | None
 ) -> tuple[FileEntry | None, np.ndarray | None]:
-    """The cached entry and pixels of ``path`` if its content is unchanged, else ``(None, None)``."""
+    """The cached entry and pixels of ``path`` if its content is unchanged, else Nones."""
     if old is None or (old_images is None and old.frames):
         return None, None
     try:
@@ -182,8 +185,12 @@ def _load(folder: Path, grid: GridConfig) -> tuple[dict[str, FileEntry], np.ndar
             return {}, None
         entries = {
             rel: FileEntry(
-                e["size"], e["mtime_ns"], e["digest"], e.get("skip"),
-                [FrameMeta.from_json(f) for f in e.get("frames", [])], e.get("row", 0),
+                e["size"],
+                e["mtime_ns"],
+                e["digest"],
+                e.get("skip"),
+                [FrameMeta.from_json(f) for f in e.get("frames", [])],
+                e.get("row", 0),
             )
             for rel, e in manifest["files"].items()
         }
@@ -199,7 +206,9 @@ def _load(folder: Path, grid: GridConfig) -> tuple[dict[str, FileEntry], np.ndar
     return entries, images
 
 
-def _save(folder: Path, grid: GridConfig, entries: dict[str, FileEntry], images: np.ndarray) -> None:
+def _save(
+    folder: Path, grid: GridConfig, entries: dict[str, FileEntry], images: np.ndarray
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {
         "version": MANIFEST_VERSION,

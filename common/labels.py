@@ -79,7 +79,8 @@ def _walk(site: Path) -> Iterator[str]:
     for root, dirs, names in os.walk(site):
         rel_root = Path(root).relative_to(site)
         dirs[:] = sorted(
-            d for d in dirs
+            d
+            for d in dirs
             if not d.startswith(".") and not (rel_root == Path(".") and d == MASKS_DIR)
         )
         for name in names:

@@ -133,8 +133,9 @@ def to_model_grid(
         method = interpolation
         if interpolation == cv2.INTER_AREA and (out_rows > rows or out_cols > cols):
             method = cv2.INTER_LINEAR
-        resized = cv2.resize(hu.astype(np.float32, copy=False), (out_cols, out_rows),
-                             interpolation=method)
+        resized = cv2.resize(
+            hu.astype(np.float32, copy=False), (out_cols, out_rows), interpolation=method
+        )
     else:
         resized = hu.astype(np.float32, copy=False)
     return _center_on_grid(resized, size, fill)

@@ -65,7 +65,9 @@ class SiteData:
 
     def indices(self, split: str | Sequence[str]) -> np.ndarray:
         wanted = {split} if isinstance(split, str) else set(split)
-        return np.asarray([i for i, s in enumerate(self.slices) if s.split in wanted], dtype=np.int64)
+        return np.asarray(
+            [i for i, s in enumerate(self.slices) if s.split in wanted], dtype=np.int64
+        )
 
     def eval_split(self) -> str:
         """The held-out split used for evaluation: ``test`` when the site defines one."""
@@ -73,9 +75,9 @@ class SiteData:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Slices per split and label (what a site may share: counts only)."""
-        out: dict[str, dict[str, int]] = {}
+        out: dict[str, Counter[str]] = {}
         for s in self.slices:
-            out.setdefault(s.split, Counter())[s.label] += 1  # type: ignore[index]
+            out.setdefault(s.split, Counter())[s.label] += 1
         return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
 
     def require_trainable(self, classes: Sequence[str] | None = None) -> None:
@@ -141,14 +143,28 @@ def load_site(
     ]
     order = sorted(range(len(slices)), key=lambda i: _slice_order(slices[i]))
     slices = [slices[i] for i in order]
-    images = decoded.images[np.asarray([rows[i] for i in order], dtype=np.int64)] if order else (
-        np.zeros((0, grid.image_size, grid.image_size), dtype=np.float16)
+    images = (
+        decoded.images[np.asarray([rows[i] for i in order], dtype=np.int64)]
+        if order
+        else (np.zeros((0, grid.image_size, grid.image_size), dtype=np.float16))
     )
-    site = SiteData(root, grid, source.mode, slices, images, sorted(skipped, key=lambda s: s.path),
-                    list(source.problems))
+    site = SiteData(
+        root,
+        grid,
+        source.mode,
+        slices,
+        images,
+        sorted(skipped, key=lambda s: s.path),
+        list(source.problems),
+    )
     site.problems.extend(_leakage_warnings(slices))
-    log.info("site %s: %d slices usable, %d files skipped (%d decoded, rest cached)",
-             site.name, len(slices), len(skipped), decoded.decoded)
+    log.info(
+        "site %s: %d slices usable, %d files skipped (%d decoded, rest cached)",
+        site.name,
+        len(slices),
+        len(skipped),
+        decoded.decoded,
+    )
     return site
 
 
@@ -189,8 +205,10 @@ def _leakage_warnings(slices: list[Slice]) -> list[str]:
     leaking = sum(1 for splits in seen.values() if len(splits) > 1)
     if not leaking:
         return []
-    return [f"labels.csv puts {leaking} patient(s) in more than one of {'/'.join(SPLITS)}: "
-            "their slices are not independent, so validation scores will be optimistic"]
+    return [
+        f"labels.csv puts {leaking} patient(s) in more than one of {'/'.join(SPLITS)}: "
+        "their slices are not independent, so validation scores will be optimistic"
+    ]
 
 
 def hashed(uid: str) -> str:

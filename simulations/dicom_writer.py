@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    CTImageStorage,
-    ExplicitVRLittleEndian,
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
     generate_uid,
 )
 
@@ -126,8 +126,9 @@ def write_ct_slice(path: Path, hu: np.ndarray, header: SliceHeader, scanner: Sca
 
 
 def _hu_to_stored(hu: np.ndarray | float, scanner: Scanner) -> np.ndarray:
-    return np.rint((np.asarray(hu, dtype=np.float64) - scanner.rescale_intercept)
-                   / scanner.rescale_slope)
+    return np.rint(
+        (np.asarray(hu, dtype=np.float64) - scanner.rescale_intercept) / scanner.rescale_slope
+    )
 
 
 def _to_stored(hu: np.ndarray, scanner: Scanner) -> np.ndarray:

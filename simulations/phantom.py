@@ -51,8 +51,9 @@ class Anatomy:
     texture_seed: int = 0
 
 
-def random_anatomy(rng: np.random.Generator, *, z_range: tuple[float, float],
-                   nodules: int) -> Anatomy:
+def random_anatomy(
+    rng: np.random.Generator, *, z_range: tuple[float, float], nodules: int
+) -> Anatomy:
     body_a = rng.uniform(140, 185)
     body_b = body_a * rng.uniform(0.62, 0.75)
     lung_a, lung_b = body_a * rng.uniform(0.32, 0.36), body_b * rng.uniform(0.58, 0.66)
@@ -66,20 +67,43 @@ def random_anatomy(rng: np.random.Generator, *, z_range: tuple[float, float],
         cx = side * (gap + lung_a)
         x = cx + rho * lung_a * 0.9 * np.cos(theta)
         y = rho * lung_b * 0.9 * np.sin(theta)
-        radius = float(np.clip(rng.lognormal(np.log(1.4), 0.45) * (1.3 - 0.6 * rho), 0.4, 4.5))
+        radius = float(np.clip(rng.lognormal(np.log(1.0), 0.4) * (1.3 - 0.6 * rho), 0.3, 3.0))
         vessels.append(Vessel(x, y, rng.normal(0, 0.25), rng.normal(0, 0.25), radius))
     found = tuple(
-        _random_nodule(rng, side=float(rng.choice([-1.0, 1.0])), lung_a=lung_a, lung_b=lung_b,
-                       gap=gap, z_range=z_range)
+        _random_nodule(
+            rng,
+            side=float(rng.choice([-1.0, 1.0])),
+            lung_a=lung_a,
+            lung_b=lung_b,
+            gap=gap,
+            z_range=z_range,
+        )
         for _ in range(nodules)
     )
-    return Anatomy(body_a, body_b, rng.uniform(8, 25), lung_a, lung_b, gap,
-                   body_a * rng.uniform(0.22, 0.28), tuple(vessels), found, z_range,
-                   int(rng.integers(2**31)))
+    return Anatomy(
+        body_a,
+        body_b,
+        rng.uniform(8, 25),
+        lung_a,
+        lung_b,
+        gap,
+        body_a * rng.uniform(0.22, 0.28),
+        tuple(vessels),
+        found,
+        z_range,
+        int(rng.integers(2**31)),
+    )
 
 
-def _random_nodule(rng: np.random.Generator, *, side: float, lung_a: float, lung_b: float,
-                   gap: float, z_range: tuple[float, float]) -> Nodule:
+def _random_nodule(
+    rng: np.random.Generator,
+    *,
+    side: float,
+    lung_a: float,
+    lung_b: float,
+    gap: float,
+    z_range: tuple[float, float],
+) -> Nodule:
     # Log-uniform diameter over 3-30 mm: many small nodules (hard), fewer large ones (easy).
     diameter = float(np.exp(rng.uniform(np.log(3.0), np.log(30.0))))
     rho = np.sqrt(rng.uniform(0, 1)) * (1 - diameter / 2 / min(lung_a, lung_b)) * 0.85
@@ -110,8 +134,9 @@ def nodule_radius_in_slice(nodule: Nodule, z: float, thickness: float) -> tuple[
     return radius, fill
 
 
-def render_slice(anatomy: Anatomy, *, z: float, matrix: int, pixel_mm: float,
-                 thickness: float) -> tuple[np.ndarray, np.ndarray]:
+def render_slice(
+    anatomy: Anatomy, *, z: float, matrix: int, pixel_mm: float, thickness: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(HU image, lesion mask) of the slice at ``z`` before scanner blur and noise."""
     half = matrix * pixel_mm / 2
     coords = (np.arange(matrix, dtype=np.float32) + 0.5) * pixel_mm - half
@@ -125,8 +150,7 @@ def render_slice(anatomy: Anatomy, *, z: float, matrix: int, pixel_mm: float,
 
     _paint_ellipse(image, xx, yy, 0, a.body_b + 28, a.body_a * 1.2, 6, TABLE, soft_edge)
     _paint_ellipse(image, xx, yy, 0, 0, a.body_a, a.body_b, FAT, soft_edge)
-    _paint_ellipse(image, xx, yy, 0, 0, a.body_a - a.fat_mm, a.body_b - a.fat_mm, SOFT,
-           soft_edge)
+    _paint_ellipse(image, xx, yy, 0, 0, a.body_a - a.fat_mm, a.body_b - a.fat_mm, SOFT, soft_edge)
     for k in range(7):  # ribs: small bone ellipses along the chest wall, moving with z
         angle = np.pi * (0.12 + 0.76 * k / 6) + 0.02 * z
         for side in (-1.0, 1.0):
@@ -140,20 +164,42 @@ def render_slice(anatomy: Anatomy, *, z: float, matrix: int, pixel_mm: float,
         d = _ellipse(xx, yy, side * (a.lung_gap + a.lung_a), -a.body_b * 0.05, lung_a, lung_b)
         _paint(image, d, LUNG, soft_edge)
         lungs |= d < 0
-    _paint_ellipse(image, xx, yy, a.lung_gap * 0.4, -a.body_b * 0.25, a.heart_r, a.heart_r * 0.85, BLOOD, soft_edge)
+    _paint_ellipse(
+        image,
+        xx,
+        yy,
+        a.lung_gap * 0.4,
+        -a.body_b * 0.25,
+        a.heart_r,
+        a.heart_r * 0.85,
+        BLOOD,
+        soft_edge,
+    )
     _paint_ellipse(image, xx, yy, -a.lung_gap * 0.2, a.body_b * 0.35, 13, 13, BLOOD, soft_edge)
     spine_y = a.body_b * 0.62
     _paint_ellipse(image, xx, yy, 0, spine_y, 19, 16, CORTICAL, soft_edge)
     _paint_ellipse(image, xx, yy, 0, spine_y, 16, 13, CANCELLOUS, soft_edge)
     _paint_ellipse(image, xx, yy, 0, spine_y + 22, 7, 7, SOFT, soft_edge)
     lung_texture = cv2.GaussianBlur(
-        np.random.default_rng([a.texture_seed, int(round(z * 100)) % 2**31]).normal(0, 25, image.shape).astype(
-            np.float32), (0, 0), 6.0 / pixel_mm)
+        np.random.default_rng([a.texture_seed, round(z * 100) % 2**31])
+        .normal(0, 25, image.shape)
+        .astype(np.float32),
+        (0, 0),
+        6.0 / pixel_mm,
+    )
     image[lungs] += lung_texture[lungs]
     vessel_layer = np.zeros_like(image)
     for v in a.vessels:
-        _add_disk(vessel_layer, xx, yy, v.x0 + v.dx * z, v.y0 + v.dy * z, v.radius_mm,
-                  BLOOD - LUNG, soft_edge)
+        _add_disk(
+            vessel_layer,
+            xx,
+            yy,
+            v.x0 + v.dx * z,
+            v.y0 + v.dy * z,
+            v.radius_mm,
+            BLOOD - LUNG,
+            soft_edge,
+        )
     image[lungs] += vessel_layer[lungs]
 
     mask = np.zeros_like(image, dtype=bool)
@@ -162,26 +208,38 @@ def render_slice(anatomy: Anatomy, *, z: float, matrix: int, pixel_mm: float,
         if radius <= 0:
             continue
         layer = np.zeros_like(image)
-        _add_disk(layer, xx, yy, nodule.center_mm[0], nodule.center_mm[1], radius,
-                  (nodule.hu - LUNG) * fill, soft_edge)
-        image[lungs] = np.maximum(image[lungs], LUNG + layer[lungs]) if nodule.hu < -300 else (
-            image[lungs] + layer[lungs] * 0.9)
+        _add_disk(
+            layer,
+            xx,
+            yy,
+            nodule.center_mm[0],
+            nodule.center_mm[1],
+            radius,
+            (nodule.hu - LUNG) * fill,
+            soft_edge,
+        )
+        image[lungs] = (
+            np.maximum(image[lungs], LUNG + layer[lungs])
+            if nodule.hu < -300
+            else (image[lungs] + layer[lungs] * 0.9)
+        )
         mask |= _ellipse(xx, yy, nodule.center_mm[0], nodule.center_mm[1], radius, radius) < 0
     return image, mask & lungs
 
 
-def scan(image: np.ndarray, rng: np.random.Generator, *, pixel_mm: float, blur_mm: float,
-         noise_hu: float) -> np.ndarray:
+def scan(
+    image: np.ndarray, rng: np.random.Generator, *, pixel_mm: float, blur_mm: float, noise_hu: float
+) -> np.ndarray:
     """The scanner: reconstruction blur, then correlated quantum noise."""
     out = cv2.GaussianBlur(image, (0, 0), max(blur_mm / pixel_mm, 0.3))
-    noise = rng.normal(0, 1, image.shape).astype(np.float32)
-    noise = cv2.GaussianBlur(noise, (0, 0), 0.7)
-    noise *= noise_hu / max(float(noise.std()), 1e-6)
-    return out + noise
+    white = rng.normal(0, 1, image.shape).astype(np.float32)
+    noise = cv2.GaussianBlur(white, (0, 0), 0.7)
+    return out + noise * np.float32(noise_hu / max(float(noise.std()), 1e-6))
 
 
-def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float,
-             b: float) -> np.ndarray:
+def _ellipse(
+    xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float, b: float
+) -> np.ndarray:
     """Approximate signed distance (mm) to an ellipse: negative inside."""
     r = np.sqrt(((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2)
     return (r - 1.0) * min(a, b)
@@ -192,18 +250,29 @@ def _paint(image: np.ndarray, distance: np.ndarray, value: float, edge: float) -
     image += alpha * (value - image)
 
 
-def _paint_ellipse(image: np.ndarray, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float,
-                   a: float, b: float, value: float, edge: float) -> None:
+def _paint_ellipse(
+    image: np.ndarray,
+    xx: np.ndarray,
+    yy: np.ndarray,
+    cx: float,
+    cy: float,
+    a: float,
+    b: float,
+    value: float,
+    edge: float,
+) -> None:
     """Paint a soft-edged ellipse, computing only inside its bounding box."""
     box = _box(xx, cx, cy, max(a, b) + 2 * edge, image.shape)
     if box is not None:
         rows, cols = box
-        _paint(image[rows, cols], _ellipse(xx[rows, cols], yy[rows, cols], cx, cy, a, b),
-               value, edge)
+        _paint(
+            image[rows, cols], _ellipse(xx[rows, cols], yy[rows, cols], cx, cy, a, b), value, edge
+        )
 
 
-def _box(xx: np.ndarray, cx: float, cy: float, reach: float,
-         shape: tuple[int, ...]) -> tuple[slice, slice] | None:
+def _box(
+    xx: np.ndarray, cx: float, cy: float, reach: float, shape: tuple[int, ...]
+) -> tuple[slice, slice] | None:
     step = float(xx[0, 1] - xx[0, 0])
     origin = float(xx[0, 0])
     reach += step
@@ -216,8 +285,16 @@ def _box(xx: np.ndarray, cx: float, cy: float, reach: float,
     return slice(r0, r1), slice(c0, c1)
 
 
-def _add_disk(layer: np.ndarray, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float,
-              radius: float, value: float, edge: float) -> None:
+def _add_disk(
+    layer: np.ndarray,
+    xx: np.ndarray,
+    yy: np.ndarray,
+    cx: float,
+    cy: float,
+    radius: float,
+    value: float,
+    edge: float,
+) -> None:
     """Add a soft-edged disk within its bounding box only (vessels are many and small)."""
     box = _box(xx, cx, cy, radius + 2 * edge, layer.shape)
     if box is None:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CLASSES = ("normal", "nodule")
 # A slice counts as showing a nodule when its visible cross-section is at least this wide.
-MIN_VISIBLE_DIAMETER_MM = 2.0
+MIN_VISIBLE_DIAMETER_MM = 3.0
 
 
 @dataclass(frozen=True)
@@ -48,22 +48,55 @@ class HospitalProfile:
 # prevalence differ on purpose: federated learning has to cope with non-IID sites.
 PROFILES: tuple[HospitalProfile, ...] = (
     HospitalProfile(
-        Scanner("SIEMENS", "SOMATOM-like (synthetic)", -1024.0, 1.0, False, None,
-                kernel="B60f"),
-        matrix=512, fov_mm=380.0, thickness_mm=1.5, slices=12, noise_hu=18.0, blur_mm=0.6,
-        patients=36, prevalence=0.5,
+        Scanner("SIEMENS", "SOMATOM-like (synthetic)", -1024.0, 1.0, False, None, kernel="B60f"),
+        matrix=512,
+        fov_mm=380.0,
+        thickness_mm=1.5,
+        slices=6,
+        noise_hu=18.0,
+        blur_mm=0.6,
+        patients=90,
+        prevalence=0.5,
     ),
     HospitalProfile(
-        Scanner("GE MEDICAL SYSTEMS", "LightSpeed-like (synthetic)", 0.0, 1.0, True, -3024.0,
-                transfer_syntax=JPEG2000Lossless, kernel="STANDARD"),
-        matrix=384, fov_mm=360.0, thickness_mm=2.5, slices=10, noise_hu=28.0, blur_mm=1.0,
-        patients=24, prevalence=0.3,
+        Scanner(
+            "GE MEDICAL SYSTEMS",
+            "LightSpeed-like (synthetic)",
+            0.0,
+            1.0,
+            True,
+            -3024.0,
+            transfer_syntax=JPEG2000Lossless,
+            kernel="STANDARD",
+        ),
+        matrix=384,
+        fov_mm=360.0,
+        thickness_mm=2.5,
+        slices=5,
+        noise_hu=28.0,
+        blur_mm=1.0,
+        patients=60,
+        prevalence=0.3,
     ),
     HospitalProfile(
-        Scanner("TOSHIBA", "Aquilion-like (synthetic)", -2048.0, 1.0, False, None,
-                transfer_syntax=RLELossless, kernel="FC13"),
-        matrix=256, fov_mm=400.0, thickness_mm=5.0, slices=8, noise_hu=40.0, blur_mm=1.4,
-        patients=20, prevalence=0.65,
+        Scanner(
+            "TOSHIBA",
+            "Aquilion-like (synthetic)",
+            -2048.0,
+            1.0,
+            False,
+            None,
+            transfer_syntax=RLELossless,
+            kernel="FC13",
+        ),
+        matrix=256,
+        fov_mm=400.0,
+        thickness_mm=5.0,
+        slices=4,
+        noise_hu=40.0,
+        blur_mm=1.4,
+        patients=45,
+        prevalence=0.65,
     ),
 )
 
@@ -87,11 +120,15 @@ def hospital_profiles(settings: SynthSettings) -> list[tuple[str, HospitalProfil
     out = []
     for i in range(settings.sites):
         base = PROFILES[i % len(PROFILES)]
-        profile = base if i < len(PROFILES) else replace(
-            base,
-            patients=int(base.patients * rng.uniform(0.6, 1.4)),
-            prevalence=float(np.clip(base.prevalence + rng.normal(0, 0.12), 0.15, 0.85)),
-            noise_hu=base.noise_hu * float(rng.uniform(0.8, 1.25)),
+        profile = (
+            base
+            if i < len(PROFILES)
+            else replace(
+                base,
+                patients=int(base.patients * rng.uniform(0.6, 1.4)),
+                prevalence=float(np.clip(base.prevalence + rng.normal(0, 0.12), 0.15, 0.85)),
+                noise_hu=base.noise_hu * float(rng.uniform(0.8, 1.25)),
+            )
         )
         patients = max(4, round(profile.patients * settings.scale))
         matrix = min(profile.matrix, settings.matrix_cap or profile.matrix)
@@ -121,8 +158,9 @@ def write_hospitals(out: Path, settings: SynthSettings, *, progress: bool = True
     return sites
 
 
-def write_hospital(site: Path, profile: HospitalProfile, *, seed: int, site_index: int,
-                   progress: bool = True) -> None:
+def write_hospital(
+    site: Path, profile: HospitalProfile, *, seed: int, site_index: int, progress: bool = True
+) -> None:
     rng = np.random.default_rng([seed, site_index, 1])
     n_pos = round(profile.patients * profile.prevalence)
     positive = np.zeros(profile.patients, dtype=bool)
@@ -130,28 +168,54 @@ def write_hospital(site: Path, profile: HospitalProfile, *, seed: int, site_inde
     pixel_mm = profile.fov_mm / profile.matrix
     rows: list[tuple[str, str]] = []
     site.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(range(profile.patients), desc=f"writing {site.name}", unit="patient",
-               disable=not progress or None, leave=False)
+    bar = tqdm(
+        range(profile.patients),
+        desc=f"writing {site.name}",
+        unit="patient",
+        disable=not progress or None,
+        leave=False,
+    )
     for p in bar:
-        rows += _write_patient(site, profile, site_index, p, bool(positive[p]), pixel_mm,
-                               np.random.default_rng([seed, site_index, 2, p]))
+        rows += _write_patient(
+            site,
+            profile,
+            site_index,
+            p,
+            bool(positive[p]),
+            pixel_mm,
+            np.random.default_rng([seed, site_index, 2, p]),
+        )
     with (site / "labels.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label"])
         writer.writerows(rows)
     n_nod = sum(1 for _, label in rows if label == "nodule")
-    log.info("%s: %d patients (%d with nodules), %d slices (%d showing a nodule), %s",
-             site.name, profile.patients, n_pos, len(rows), n_nod, profile.scanner.model)
+    log.info(
+        "%s: %d patients (%d with nodules), %d slices (%d showing a nodule), %s",
+        site.name,
+        profile.patients,
+        n_pos,
+        len(rows),
+        n_nod,
+        profile.scanner.model,
+    )
 
 
-def _write_patient(site: Path, profile: HospitalProfile, site_index: int, p: int,
-                   positive: bool, pixel_mm: float, rng: np.random.Generator
-                   ) -> list[tuple[str, str]]:
+def _write_patient(
+    site: Path,
+    profile: HospitalProfile,
+    site_index: int,
+    p: int,
+    positive: bool,
+    pixel_mm: float,
+    rng: np.random.Generator,
+) -> list[tuple[str, str]]:
     t = profile.thickness_mm
     z0 = float(rng.uniform(-180, -120))
     z_range = (z0, z0 + t * (profile.slices - 1))
-    anatomy = random_anatomy(rng, z_range=z_range,
-                             nodules=int(rng.integers(1, 3)) if positive else 0)
+    anatomy = random_anatomy(
+        rng, z_range=z_range, nodules=int(rng.integers(1, 3)) if positive else 0
+    )
     patient_id = f"SYN{site_index:02d}{p:04d}"
     study = new_uid(f"{patient_id}/study")
     series = new_uid(f"{patient_id}/series")
@@ -160,20 +224,27 @@ def _write_patient(site: Path, profile: HospitalProfile, site_index: int, p: int
     rows = []
     for k in range(profile.slices):
         z = z_range[0] + k * t
-        image, mask = render_slice(anatomy, z=z, matrix=profile.matrix, pixel_mm=pixel_mm,
-                                   thickness=t)
-        hu = scan(image, rng, pixel_mm=pixel_mm, blur_mm=profile.blur_mm,
-                  noise_hu=profile.noise_hu)
+        image, mask = render_slice(
+            anatomy, z=z, matrix=profile.matrix, pixel_mm=pixel_mm, thickness=t
+        )
+        hu = scan(image, rng, pixel_mm=pixel_mm, blur_mm=profile.blur_mm, noise_hu=profile.noise_hu)
         if profile.scanner.padding_hu is not None:  # outside the reconstruction circle
             yy, xx = np.ogrid[: profile.matrix, : profile.matrix]
             c = (profile.matrix - 1) / 2
             hu[(yy - c) ** 2 + (xx - c) ** 2 > (profile.matrix / 2) ** 2] = (
-                profile.scanner.padding_hu)
+                profile.scanner.padding_hu
+            )
         sop = new_uid(f"{patient_id}/{k}")
         header = SliceHeader(
-            patient_name=f"SYNTHETIC^PATIENT{site_index:02d}{p:04d}", patient_id=patient_id,
-            study_uid=study, series_uid=series, sop_uid=sop, instance_number=k + 1,
-            position_mm=(-half, -half, z), pixel_spacing_mm=pixel_mm, slice_thickness_mm=t,
+            patient_name=f"SYNTHETIC^PATIENT{site_index:02d}{p:04d}",
+            patient_id=patient_id,
+            study_uid=study,
+            series_uid=series,
+            sop_uid=sop,
+            instance_number=k + 1,
+            position_mm=(-half, -half, z),
+            pixel_spacing_mm=pixel_mm,
+            slice_thickness_mm=t,
             institution=f"Synthetic Hospital {site.name}",
         )
         rel = f"{folder}/IM{k + 1:04d}.dcm"

@@ -1,0 +1,34 @@
+# The two commands the README opens with:
+#   make demo   - create .venv, install FedCT, simulate a federation of synthetic hospitals
+#   make test   - create/update .venv and run the whole test suite (what CI runs)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+INSTALLED := $(VENV)/.fedct-installed
+OUT ?= fedct-output
+
+.PHONY: demo test test-fast lint install clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "FedCT needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(INSTALLED)
+	$(VENV)/bin/fedct simulate --out $(OUT)
+
+test: $(INSTALLED)
+	$(VENV)/bin/python -m pytest
+
+test-fast: $(INSTALLED)
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .mypy_cache .ruff_cache

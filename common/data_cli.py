@@ -1,0 +1,42 @@
+"""``fedct data inspect``: check a hospital folder before it joins a federation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("site", type=Path, help="the hospital's data folder")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="keep the decoded frames here, so training later reads no DICOM",
+    )
+    parser.add_argument("--image-size", type=int, default=128, help="model grid size (px)")
+    parser.add_argument(
+        "--classes",
+        default=None,
+        help="the federation's classes, comma-separated (checks the labels)",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from common.preprocess import GridConfig
+    from common.site import load_site
+    from common.site_report import render_text, summarize
+
+    site = load_site(args.site, grid=GridConfig(args.image_size), cache_dir=args.cache)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    summary = summarize(site, classes)
+    Console(highlight=False).print(render_text(summary), markup=False)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    return 1 if summary.fatal else 0

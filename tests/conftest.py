@@ -1,0 +1,64 @@
+"""Shared fixtures. Nothing here touches the network: sites are written into temp folders."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from simulations.synth import PROFILES, write_hospital
+
+
+def write_tiny_site(
+    site: Path,
+    *,
+    seed: int = 0,
+    index: int = 0,
+    patients: int = 8,
+    slices: int = 4,
+    matrix: int = 32,
+    prevalence: float = 0.5,
+) -> Path:
+    """A small hospital of real DICOM files (labels.csv, masks) in ``site``."""
+    profile = replace(
+        PROFILES[index % len(PROFILES)],
+        matrix=matrix,
+        patients=patients,
+        slices=slices,
+        prevalence=prevalence,
+    )
+    write_hospital(site, profile, seed=seed, site_index=index, progress=False)
+    return site
+
+
+@pytest.fixture(scope="session")
+def tiny_site_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_site(tmp_path_factory.mktemp("template") / "hospital-a")
+
+
+@pytest.fixture
+def tiny_site(tiny_site_template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of a tiny synthetic DICOM site that the test may change."""
+    return Path(shutil.copytree(tiny_site_template, tmp_path / "hospital-a"))
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach beyond loopback."""
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: object) -> object:
+        host = address[0] if isinstance(address, tuple) else address
+        if (
+            isinstance(host, str)
+            and host not in ("127.0.0.1", "localhost", "::1")
+            and not host.startswith("127.")
+            and self.family != socket.AF_UNIX
+        ):
+            raise RuntimeError(f"test tried to reach the network ({host})")
+        return real_connect(self, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in {c.path[0] for c in COMMANDS}:
+        assert name in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("fedct ")
+
+
+def test_help_does_not_import_heavy_packages() -> None:
+    code = (
+        "import sys; from common.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'pydicom', 'flwr', 'opacus') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_data_inspect_reports_and_writes_json(
+    tiny_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tiny_site / "junk.dcm").write_bytes(b"garbage")
+    report = tmp_path / "report.json"
+    code = main(["data", "inspect", str(tiny_site), "--json", str(report), "--image-size", "32"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "junk.dcm: not a DICOM file" in out
+    assert "ready to join a federation" in out
+    data = json.loads(report.read_text())
+    assert data["slices"] > 0
+    assert data["skipped"] == [{"path": "junk.dcm", "reason": "not a DICOM file"}]
+    assert "SYNTHETIC^" not in report.read_text()  # no patient names in the report
+    assert "SYN0" not in report.read_text()  # nor patient IDs
+
+
+def test_data_inspect_fails_on_unusable_site(tmp_path: Path) -> None:
+    (tmp_path / "normal").mkdir()
+    (tmp_path / "normal" / "a.dcm").write_bytes(b"garbage")
+    assert main(["data", "inspect", str(tmp_path), "--image-size", "32"]) == 1
+
+
+def test_data_synth_writes_sites(tmp_path: Path) -> None:
+    assert main(["data", "synth", "--sites", "1", "--scale", "0.05", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "hospital-a" / "labels.csv").is_file()
+    assert main(["data", "synth", "--sites", "1", "--out", str(tmp_path)]) == 1  # not empty

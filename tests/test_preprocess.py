@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.augment import AugmentConfig, eval_transform, train_transform
+from common.errors import ConfigError
+from common.preprocess import (
+    WINDOW_PRESETS,
+    GridConfig,
+    Window,
+    apply_windows,
+    parse_windows,
+    to_model_grid,
+)
+
+
+def test_fit_keeps_aspect_ratio_and_pads_with_air() -> None:
+    hu = np.zeros((100, 200), dtype=np.float32)  # wide image of water
+    out = to_model_grid(hu, (1.0, 1.0), GridConfig(64))
+    assert out.shape == (64, 64)
+    assert np.all(out[:16] == -1024)
+    assert np.all(out[-16:] == -1024)
+    assert np.allclose(out[17:47], 0.0)
+
+
+def test_non_square_pixels_use_physical_size() -> None:
+    hu = np.zeros((100, 100), dtype=np.float32)
+    out = to_model_grid(hu, (2.0, 1.0), GridConfig(50))  # 200 mm tall, 100 mm wide
+    water_cols = np.where(np.isclose(out[25], 0.0))[0]
+    assert 24 <= len(water_cols) <= 26
+
+
+def test_target_spacing_resamples_and_crops() -> None:
+    hu = np.full((400, 400), -1000.0, dtype=np.float32)
+    hu[190:210, 190:210] = 50.0  # a 20 px = 10 mm square at 0.5 mm spacing
+    out = to_model_grid(hu, (0.5, 0.5), GridConfig(64, target_spacing_mm=1.0))
+    assert out.shape == (64, 64)
+    assert 90 <= int((out > 0).sum()) <= 110  # 10 mm at 1 mm/px: about 10x10 px
+
+
+def test_windows_map_hu_to_unit_range() -> None:
+    hu = torch.tensor([[-2000.0, -600.0, 40.0, 3000.0]]).reshape(1, 1, 4)
+    out = apply_windows(hu, [WINDOW_PRESETS["lung"], WINDOW_PRESETS["mediastinum"]])
+    assert out.shape == (2, 1, 4)
+    assert out[0, 0, 1] == pytest.approx(0.5)  # lung center
+    assert out[1, 0, 2] == pytest.approx(0.5)  # mediastinum center
+    assert out.min() == 0
+    assert out.max() == 1
+
+
+def test_parse_windows() -> None:
+    assert parse_windows("lung,40/400") == (WINDOW_PRESETS["lung"], Window(40, 400))
+    with pytest.raises(ConfigError, match="unknown CT window"):
+        parse_windows("brain")
+    with pytest.raises(ConfigError):
+        parse_windows("40/-5")
+
+
+def test_grid_key_changes_with_settings() -> None:
+    assert GridConfig(64).key() == GridConfig(64).key()
+    assert GridConfig(64).key() != GridConfig(96).key()
+    assert GridConfig(64).key() != GridConfig(64, target_spacing_mm=1.0).key()
+    with pytest.raises(ConfigError):
+        GridConfig(8)
+
+
+def test_eval_transform_is_deterministic() -> None:
+    hu = torch.randn(1, 32, 32) * 500
+    t = eval_transform(tuple(WINDOW_PRESETS.values()))
+    torch.testing.assert_close(t(hu), t(hu))
+    assert t(hu).shape == (3, 32, 32)
+
+
+def test_train_transform_is_random_but_seeded() -> None:
+    hu = torch.randn(1, 32, 32) * 500
+    t = train_transform(tuple(WINDOW_PRESETS.values()), AugmentConfig())
+    torch.manual_seed(1)
+    a = t(hu)
+    torch.manual_seed(1)
+    b = t(hu)
+    c = t(hu)
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_augment_config_validates() -> None:
+    with pytest.raises(ConfigError):
+        AugmentConfig(hflip=2.0)
