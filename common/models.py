@@ -14,7 +14,7 @@ kept as they are, and a one-channel input sums the pretrained RGB filters.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -62,6 +62,44 @@ ARCHITECTURES.update(
 )
 
 
+class WSConv2d(nn.Conv2d):
+    """A convolution with Weight Standardization (Qiao et al., 2019): each output filter is
+    standardized to zero mean and unit variance before use. GroupNorm alone trains ResNets much
+    slower than BatchNorm; GroupNorm plus weight standardization closes most of that gap, and
+    both are per-sample operations, as DP-SGD requires. Opacus gets a closed-form per-sample
+    gradient for it in :mod:`client.grad_samplers`."""
+
+    eps = 1e-5
+
+    def standardized_weight(self) -> Tensor:
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (w - mean) / torch.sqrt(var + self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+def _standardize_convolutions(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is nn.Conv2d:
+            ws = WSConv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                child.padding,
+                child.dilation,
+                child.groups,
+                child.bias is not None,
+            )
+            ws.load_state_dict(child.state_dict())
+            setattr(module, name, ws)
+        else:
+            _standardize_convolutions(child)
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups where possible (Wu & He's default), fewer for thin layers."""
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
@@ -75,6 +113,7 @@ class ModelConfig:
     in_channels: int = 3
     pretrained: Path | None = None  # a torchvision ImageNet state dict (.pth or .safetensors)
     freeze: str = "none"
+    weight_standardization: bool = True
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -107,6 +146,8 @@ def build_model(cfg: ModelConfig) -> ResNet:
         load_pretrained(model, cfg.pretrained)
     if cfg.in_channels == 1:
         _to_one_channel(model)
+    if cfg.weight_standardization:
+        _standardize_convolutions(model)
     apply_freeze(model, cfg.freeze)
     return model
 
@@ -200,6 +241,3 @@ def last_conv_stage(model: nn.Module) -> nn.Module:
     if not isinstance(layer, nn.Module):
         raise ConfigError(f"{type(model).__name__} has no layer4; Grad-CAM needs a ResNet")
     return layer
-
-
-ModelFactory = Callable[[ModelConfig], nn.Module]

@@ -1,0 +1,235 @@
+"""Local training and evaluation at a hospital: plain PyTorch + Opacus, no Flower.
+
+Reads as torchvision's reference scripts do: :func:`train_local` (one round: a few epochs, with
+DP-SGD when a noise multiplier is given) and :func:`evaluate`. The privacy budget itself lives in
+:mod:`client.privacy`; this module only runs the steps it is told to and reports what it did.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from client import grad_samplers  # noqa: F401  (registers Opacus grad samplers)
+from common.errors import ConfigError
+from common.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32  # logical batch (expected batch size under Poisson sampling)
+    physical_batch_size: int = 32  # largest batch held in memory at once (DP only)
+    max_grad_norm: float = 1.0  # per-sample clipping bound (DP only)
+    proximal_mu: float = 0.0  # FedProx: weight of ||w - w_global||^2 / 2
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"local epochs must be at least 1, got {self.epochs}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        if self.batch_size < 1 or self.physical_batch_size < 1:
+            raise ConfigError("batch sizes must be at least 1")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"clipping bound must be positive, got {self.max_grad_norm}")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"proximal mu must not be negative, got {self.proximal_mu}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    examples: int
+    steps: int
+    mean_loss: float
+    seconds: float
+    noise_multiplier: float | None  # None: trained without DP
+    sample_rate: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    examples: int
+    loss: float
+    accuracy: float
+    probabilities: np.ndarray  # (N, C) softmax scores; stay at the site
+    targets: np.ndarray  # (N,)
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    return min(1.0, batch_size / max(num_examples, 1))
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Steps of one epoch (Opacus' Poisson loader runs ``int(1 / sample_rate)`` batches)."""
+    return max(1, int(1 / sample_rate(num_examples, batch_size)))
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, int]],
+    cfg: TrainConfig,
+    *,
+    noise_multiplier: float | None,
+    seed: int,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    description: str = "training",
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.epochs`` epochs; DP-SGD when ``noise_multiplier`` is set.
+
+    DP-SGD uses Poisson sampling, per-sample clipping to ``cfg.max_grad_norm`` and Gaussian noise
+    of ``noise_multiplier * max_grad_norm``; physical batches are capped by Opacus'
+    BatchMemoryManager so memory does not grow with the logical batch.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ConfigError("no training examples")
+    device = torch.device(device)
+    model.to(device).train()
+    global_params = _snapshot(model) if cfg.proximal_mu > 0 else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        trainable, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    generator = torch.Generator().manual_seed(derive_seed(seed, "loader") % 2**63)
+    loader: DataLoader[tuple[torch.Tensor, int]] = DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator
+    )
+    q = sample_rate(n, cfg.batch_size)
+    losses: list[float] = []
+    steps = 0
+    start = time.perf_counter()
+    with _private(model, optimizer, loader, noise_multiplier, cfg, seed) as (net, opt, batches):
+        for epoch in range(cfg.epochs):
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(derive_seed(seed, epoch) % 2**31)
+            bar = tqdm(
+                batches(),
+                desc=f"{description} epoch {epoch + 1}/{cfg.epochs}",
+                unit="batch",
+                disable=not progress or None,
+                leave=False,
+            )
+            for images, targets in bar:
+                if len(targets) == 0:  # Poisson sampling can draw an empty batch
+                    continue
+                images, targets = images.to(device), targets.to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(net(images), targets)
+                if global_params is not None:
+                    loss = loss + _proximal_term(model, global_params, cfg.proximal_mu)
+                loss.backward()
+                opt.step()
+                # With virtual steps (BatchMemoryManager) only real optimizer steps count.
+                if not isinstance(opt, DPOptimizer) or not opt._is_last_step_skipped:
+                    steps += 1
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return TrainResult(
+        examples=n,
+        steps=steps,
+        mean_loss=float(np.mean(losses)) if losses else math.nan,
+        seconds=time.perf_counter() - start,
+        noise_multiplier=noise_multiplier,
+        sample_rate=q,
+    )
+
+
+@contextmanager
+def _private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[tuple[torch.Tensor, int]],
+    noise_multiplier: float | None,
+    cfg: TrainConfig,
+    seed: int,
+) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, object]]:
+    """Yield ``(model, optimizer, batches)``: wrapped for DP-SGD when ``noise_multiplier`` is set.
+
+    Opacus' pieces are used directly (not ``PrivacyEngine``): the accountant is the site's
+    ledger, across rounds and restarts, so a per-round engine would only duplicate it.
+    """
+    if noise_multiplier is None:
+        yield model, optimizer, lambda: iter(loader)
+        return
+    dp_model = GradSampleModule(
+        model, batch_first=True, loss_reduction="mean", strict=True, force_functorch=False
+    )
+    generator = torch.Generator().manual_seed(derive_seed(seed, "poisson") % 2**63)
+    dp_loader = DPDataLoader.from_data_loader(loader, generator=generator)
+    noise = torch.Generator().manual_seed(derive_seed(seed, "noise") % 2**63)
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        expected_batch_size=cfg.batch_size,
+        loss_reduction="mean",
+        generator=noise,
+    )
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        with BatchMemoryManager(
+            data_loader=dp_loader,
+            max_physical_batch_size=cfg.physical_batch_size,
+            optimizer=dp_optimizer,
+        ) as memory_safe:
+            yield from memory_safe
+
+    try:
+        yield dp_model, dp_optimizer, batches
+    finally:
+        dp_model.remove_hooks()  # the model outlives this round: leave no hooks or
+        dp_model.cleanup()  # per-sample gradients on it
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
+    terms = [((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor]
+    return 0.5 * mu * torch.stack(terms).sum()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, int]],
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Loss, accuracy and per-example class probabilities of ``model`` on ``dataset``."""
+    model.to(device).eval()
+    probs, targets, total_loss = [], [], 0.0
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        logits = model(images.to(device))
+        labels = labels.to(device)
+        total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        probs.append(torch.softmax(logits, dim=1).cpu())
+        targets.append(labels.cpu())
+    n = sum(len(t) for t in targets)
+    if n == 0:
+        return EvalResult(0, math.nan, math.nan, np.zeros((0, 0)), np.zeros(0, dtype=np.int64))
+    p = torch.cat(probs).numpy()
+    y = torch.cat(targets).numpy()
+    return EvalResult(n, total_loss / n, float((p.argmax(1) == y).mean()), p, y)

@@ -1,0 +1,77 @@
+"""Diagnostic metrics a site computes on its own held-out patients, and their privacy-safe
+aggregate: fixed-bin histograms of the positive-class score per true class.
+
+Summing histograms across sites gives the pooled ROC curve and AUROC exactly up to the bin
+width (scores in one bin count as ties), with no per-patient score ever leaving a site.
+scikit-learn computes the per-site metrics; the histogram AUROC is written here because no
+library computes AUROC from binned counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+DEFAULT_BINS = 100
+
+
+@dataclass(frozen=True)
+class BinaryMetrics:
+    examples: int
+    positives: int
+    accuracy: float
+    sensitivity: float  # true-positive rate at the threshold
+    specificity: float  # true-negative rate at the threshold
+    auroc: float  # NaN when only one class is present
+
+
+def binary_metrics(
+    scores: np.ndarray, positive: np.ndarray, *, threshold: float = 0.5
+) -> BinaryMetrics:
+    """Metrics of positive-class ``scores`` against boolean ``positive`` labels."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    predicted = scores >= threshold
+    tn, fp, fn, tp = confusion_matrix(positive, predicted, labels=[False, True]).ravel()
+    both = positive.any() and (~positive).any()
+    return BinaryMetrics(
+        examples=int(len(scores)),
+        positives=int(positive.sum()),
+        accuracy=float((tp + tn) / max(len(scores), 1)),
+        sensitivity=float(tp / (tp + fn)) if tp + fn else math.nan,
+        specificity=float(tn / (tn + fp)) if tn + fp else math.nan,
+        auroc=float(roc_auc_score(positive, scores)) if both else math.nan,
+    )
+
+
+def score_histograms(
+    scores: np.ndarray, positive: np.ndarray, *, bins: int = DEFAULT_BINS
+) -> np.ndarray:
+    """``(2, bins)`` counts of scores in [0, 1]: row 0 for negatives, row 1 for positives."""
+    scores = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    positive = np.asarray(positive, dtype=bool)
+    index = np.minimum((scores * bins).astype(np.int64), bins - 1)
+    hist = np.zeros((2, bins), dtype=np.int64)
+    np.add.at(hist, (positive.astype(np.int64), index), 1)
+    return hist
+
+
+def auroc_from_histograms(hist: np.ndarray) -> float:
+    """AUROC from ``(2, bins)`` counts: P(pos > neg) + P(same bin) / 2 (ties within a bin)."""
+    neg, pos = np.asarray(hist[0], dtype=np.float64), np.asarray(hist[1], dtype=np.float64)
+    n_neg, n_pos = neg.sum(), pos.sum()
+    if n_neg == 0 or n_pos == 0:
+        return math.nan
+    neg_below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def roc_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false-positive rates, true-positive rates) at every bin edge, from high to low."""
+    neg, pos = np.asarray(hist[0], dtype=np.float64), np.asarray(hist[1], dtype=np.float64)
+    tpr = np.concatenate([[0.0], np.cumsum(pos[::-1])]) / max(pos.sum(), 1)
+    fpr = np.concatenate([[0.0], np.cumsum(neg[::-1])]) / max(neg.sum(), 1)
+    return fpr, tpr

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from common.metrics import (
+    auroc_from_histograms,
+    binary_metrics,
+    roc_from_histograms,
+    score_histograms,
+)
+
+
+def test_histogram_auroc_equals_sklearn_on_binned_scores() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random(500) < 0.3
+    s = np.clip(rng.normal(0.4 + 0.3 * y, 0.2), 0, 1)
+    bins = 50
+    binned = np.minimum((s * bins).astype(int), bins - 1)  # ties within a bin, as pooled
+    assert auroc_from_histograms(score_histograms(s, y, bins=bins)) == pytest.approx(
+        roc_auc_score(y, binned), abs=1e-12
+    )
+
+
+def test_pooled_histograms_match_pooled_scores_up_to_bin_width() -> None:
+    rng = np.random.default_rng(1)
+    sites = []
+    for prevalence, shift in [(0.2, 0.0), (0.5, 0.1), (0.7, -0.05)]:
+        y = rng.random(300) < prevalence
+        s = 1 / (1 + np.exp(-(rng.normal(0, 1, 300) + 1.5 * y + shift)))
+        sites.append((s, y))
+    pooled_hist = sum(score_histograms(s, y, bins=100) for s, y in sites)
+    all_s = np.concatenate([s for s, _ in sites])
+    all_y = np.concatenate([y for _, y in sites])
+    exact = roc_auc_score(all_y, all_s)
+    assert auroc_from_histograms(pooled_hist) == pytest.approx(exact, abs=0.01)
+    fpr, tpr = roc_from_histograms(pooled_hist)
+    assert fpr[0] == 0 and tpr[-1] == pytest.approx(1.0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc_from_histograms(pooled_hist))
+
+
+def test_one_class_gives_nan() -> None:
+    assert math.isnan(auroc_from_histograms(score_histograms(np.array([0.2]), np.array([True]))))
+
+
+def test_binary_metrics() -> None:
+    m = binary_metrics(
+        np.array([0.9, 0.8, 0.3, 0.1, 0.6]), np.array([True, True, True, False, False])
+    )
+    assert m.sensitivity == pytest.approx(2 / 3)
+    assert m.specificity == pytest.approx(1 / 2)
+    assert m.accuracy == pytest.approx(3 / 5)
+    assert m.auroc == pytest.approx(roc_auc_score([1, 1, 1, 0, 0], [0.9, 0.8, 0.3, 0.1, 0.6]))

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from client.privacy import (
+    BudgetExhausted,
+    Ledger,
+    LedgerError,
+    PrivacyBudget,
+    default_delta,
+    epsilon_of,
+)
+from client.training import TrainConfig, train_local
+from common.errors import ConfigError
+
+
+def test_rdp_known_answer_from_opacus_tests() -> None:
+    # Opacus' own accountant test: sigma=1.5, q=0.04, 90 epochs, delta=1e-5.
+    eps = epsilon_of([(1.5, 0.04, int(90 / 0.04))], delta=1e-5, accountant="rdp")
+    assert eps == pytest.approx(7.32911117143, abs=1e-8)
+
+
+def test_ledger_reload_continues_the_same_budget(tmp_path: Path) -> None:
+    budget = PrivacyBudget(epsilon=50.0, delta=1e-5)
+    uninterrupted = Ledger.open(tmp_path / "a", budget)
+    for r in range(1, 6):
+        uninterrupted.record(
+            round=r, noise_multiplier=1.5, sample_rate=0.04, steps=450, model_version=f"r{r}"
+        )
+    restarted = Ledger.open(tmp_path / "b", budget)
+    for r in range(1, 4):
+        restarted.record(
+            round=r, noise_multiplier=1.5, sample_rate=0.04, steps=450, model_version=f"r{r}"
+        )
+    restarted = Ledger.open(tmp_path / "b", budget)  # a client restart
+    assert restarted.last_round == 3
+    for r in range(4, 6):
+        restarted.record(
+            round=r, noise_multiplier=1.5, sample_rate=0.04, steps=450, model_version=f"r{r}"
+        )
+    assert restarted.spent_epsilon == pytest.approx(uninterrupted.spent_epsilon, rel=1e-12)
+    # 5 rounds of 450 steps are the known-answer run of 2250 steps
+    assert restarted.spent_epsilon == pytest.approx(7.32911117143, abs=1e-8)
+
+
+def test_budget_stop_triggers_exactly_after_planned_rounds(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path, PrivacyBudget(epsilon=4.0, delta=1e-5))
+    q, steps, planned = 0.05, 20, 6
+    sigma = ledger.calibrate(sample_rate=q, steps_per_round=steps, planned_rounds=planned)
+    for r in range(1, planned + 1):
+        ledger.check(sigma, q, steps)
+        ledger.record(
+            round=r, noise_multiplier=sigma, sample_rate=q, steps=steps, model_version=str(r)
+        )
+    assert 3.9 <= ledger.spent_epsilon <= 4.0
+    with pytest.raises(BudgetExhausted, match="privacy budget exhausted"):
+        ledger.check(sigma, q, steps)
+    # the calibrated sigma is kept across restarts, even if asked with other numbers
+    again = Ledger.open(tmp_path, PrivacyBudget(epsilon=4.0, delta=1e-5))
+    assert again.calibrate(sample_rate=0.5, steps_per_round=1, planned_rounds=1) == sigma
+
+
+def test_raising_the_budget_is_a_site_setting(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path, PrivacyBudget(epsilon=1.0, delta=1e-5))
+    ledger.record(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=50, model_version="1")
+    with pytest.raises(BudgetExhausted):
+        ledger.check(1.0, 0.1, 50)
+    raised = Ledger.open(tmp_path, PrivacyBudget(epsilon=10.0, delta=1e-5))
+    assert raised.check(1.0, 0.1, 50) < 10.0
+
+
+def test_corrupted_ledger_refuses(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path, PrivacyBudget(epsilon=8.0, delta=1e-5))
+    ledger.record(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10, model_version="1")
+    data = json.loads(ledger.path.read_text())
+    data["entries"][0]["epsilon"] = 0.0  # someone "resets" the budget by hand
+    ledger.path.write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="corrupted"):
+        Ledger.open(tmp_path, PrivacyBudget(epsilon=8.0, delta=1e-5))
+    ledger.path.write_text("{truncated")
+    with pytest.raises(LedgerError, match="corrupted"):
+        Ledger.open(tmp_path, PrivacyBudget(epsilon=8.0, delta=1e-5))
+
+
+def test_missing_but_expected_ledger_refuses(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path, PrivacyBudget(epsilon=8.0, delta=1e-5))
+    ledger.path.unlink()
+    with pytest.raises(LedgerError, match="missing"):
+        Ledger.open(tmp_path, PrivacyBudget(epsilon=8.0, delta=1e-5))
+
+
+def test_budget_validation() -> None:
+    with pytest.raises(ConfigError):
+        PrivacyBudget(epsilon=0, delta=1e-5)
+    with pytest.raises(ConfigError):
+        PrivacyBudget(epsilon=1, delta=1e-5, accountant="moments")
+    assert default_delta(1000) < 1 / 1000
+
+
+def _delta_norm(before: dict[str, torch.Tensor], model: nn.Module) -> float:
+    return float(
+        torch.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in model.named_parameters()))
+    )
+
+
+@pytest.mark.parametrize("noise", [0.0, None])
+def test_zero_noise_update_respects_clipping_bound(noise: float | None) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    data = TensorDataset(torch.randn(8, 1, 4, 4) * 100, torch.randint(0, 2, (8,)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    clip = 0.01
+    cfg = TrainConfig(
+        batch_size=8, physical_batch_size=8, learning_rate=1.0, momentum=0.0, max_grad_norm=clip
+    )
+    train_local(model, data, cfg, noise_multiplier=noise, seed=0)
+    change = _delta_norm(before, model)
+    if noise is None:
+        assert change > 10 * clip  # the unclipped gradient is far larger than the bound
+    else:
+        # one step of the mean of per-sample gradients each clipped to `clip`, with q=1:
+        # every sample is drawn, so the step is at most `clip` (times lr=1)
+        assert 0 < change <= clip * (1 + 1e-5)
