@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from opacus.grad_sample import register_grad_sampler
 from opacus.utils.tensor_utils import unfold2d
-from torch import nn
 
 from common.models import WSConv2d
 
@@ -18,7 +17,7 @@ from common.models import WSConv2d
 @register_grad_sampler(WSConv2d)
 def weight_standardized_conv_grad_sample(
     layer: WSConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     """Per-sample gradients of a weight-standardized convolution.
 
     First the gradient with respect to the standardized filter ``w_hat`` (as for any conv: the
@@ -39,7 +38,7 @@ def weight_standardized_conv_grad_sample(
         dilation=layer.dilation,
     )  # (n, K, positions)
     grads_out = backprops.reshape(n, out_channels, -1)  # (n, O, positions)
-    result: dict[nn.Parameter, torch.Tensor] = {}
+    result: dict[torch.Tensor, torch.Tensor] = {}
     if layer.weight.requires_grad:
         g_hat = torch.einsum("nop,nkp->nok", grads_out, columns)  # d loss / d w_hat
         w = layer.weight.detach().reshape(out_channels, -1)

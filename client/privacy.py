@@ -38,7 +38,7 @@ class LedgerError(FedCTError):
     """The ledger cannot be trusted; training must stop until a person looks at it."""
 
 
-class BudgetExhausted(FedCTError):
+class BudgetExhaustedError(FedCTError):
     """Training this round would take the site past its privacy budget."""
 
 
@@ -180,10 +180,11 @@ class Ledger:
         return self.noise_multiplier
 
     def check(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Raise :class:`BudgetExhausted` if the round would exceed the budget; else the ε after."""
+        """Raise :class:`BudgetExhaustedError` if the round would exceed the budget, else
+        return the ε after it."""
         after = self.epsilon_after(noise_multiplier, sample_rate, steps)
         if after > self.budget.epsilon * (1 + 1e-9):
-            raise BudgetExhausted(
+            raise BudgetExhaustedError(
                 f"privacy budget exhausted: ε spent {self.spent_epsilon:.3f} of "
                 f"{self.budget.epsilon:g}; one more round would reach {after:.3f}"
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +29,8 @@ from common.errors import ConfigError
 from common.seeding import derive_seed
 
 log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ def _private(
     noise_multiplier: float | None,
     cfg: TrainConfig,
     seed: int,
-) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, object]]:
+) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, Callable[[], Iterator[Batch]]]]:
     """Yield ``(model, optimizer, batches)``: wrapped for DP-SGD when ``noise_multiplier`` is set.
 
     Opacus' pieces are used directly (not ``PrivacyEngine``): the accountant is the site's
@@ -186,7 +188,7 @@ def _private(
         generator=noise,
     )
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches() -> Iterator[Batch]:
         with BatchMemoryManager(
             data_loader=dp_loader,
             max_physical_batch_size=cfg.physical_batch_size,

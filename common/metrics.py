@@ -38,7 +38,7 @@ def binary_metrics(
     tn, fp, fn, tp = confusion_matrix(positive, predicted, labels=[False, True]).ravel()
     both = positive.any() and (~positive).any()
     return BinaryMetrics(
-        examples=int(len(scores)),
+        examples=len(scores),
         positives=int(positive.sum()),
         accuracy=float((tp + tn) / max(len(scores), 1)),
         sensitivity=float(tp / (tp + fn)) if tp + fn else math.nan,

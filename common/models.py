@@ -87,10 +87,10 @@ def _standardize_convolutions(module: nn.Module) -> None:
             ws = WSConv2d(
                 child.in_channels,
                 child.out_channels,
-                child.kernel_size,
-                child.stride,
-                child.padding,
-                child.dilation,
+                child.kernel_size,  # type: ignore[arg-type]
+                child.stride,  # type: ignore[arg-type]
+                child.padding,  # type: ignore[arg-type]
+                child.dilation,  # type: ignore[arg-type]
                 child.groups,
                 child.bias is not None,
             )

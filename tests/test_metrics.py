@@ -38,7 +38,8 @@ def test_pooled_histograms_match_pooled_scores_up_to_bin_width() -> None:
     exact = roc_auc_score(all_y, all_s)
     assert auroc_from_histograms(pooled_hist) == pytest.approx(exact, abs=0.01)
     fpr, tpr = roc_from_histograms(pooled_hist)
-    assert fpr[0] == 0 and tpr[-1] == pytest.approx(1.0)
+    assert fpr[0] == 0
+    assert tpr[-1] == pytest.approx(1.0)
     assert np.trapezoid(tpr, fpr) == pytest.approx(auroc_from_histograms(pooled_hist))
 
 

@@ -72,7 +72,7 @@ def test_missing_or_wrong_weights_say_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="downloads nothing"):
         build_model(ModelConfig(pretrained=tmp_path / "absent.pth"))
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
-    with pytest.raises(ConfigError, match="does not belong|shape"):
+    with pytest.raises(ConfigError, match=r"does not belong|shape"):
         build_model(ModelConfig(pretrained=tmp_path / "r34.pth"))
     torch.save({"not": "tensors"}, tmp_path / "junk.pth")
     with pytest.raises(ConfigError):

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from client.privacy import (
-    BudgetExhausted,
+    BudgetExhaustedError,
     Ledger,
     LedgerError,
     PrivacyBudget,
@@ -59,7 +59,7 @@ def test_budget_stop_triggers_exactly_after_planned_rounds(tmp_path: Path) -> No
             round=r, noise_multiplier=sigma, sample_rate=q, steps=steps, model_version=str(r)
         )
     assert 3.9 <= ledger.spent_epsilon <= 4.0
-    with pytest.raises(BudgetExhausted, match="privacy budget exhausted"):
+    with pytest.raises(BudgetExhaustedError, match="privacy budget exhausted"):
         ledger.check(sigma, q, steps)
     # the calibrated sigma is kept across restarts, even if asked with other numbers
     again = Ledger.open(tmp_path, PrivacyBudget(epsilon=4.0, delta=1e-5))
@@ -69,7 +69,7 @@ def test_budget_stop_triggers_exactly_after_planned_rounds(tmp_path: Path) -> No
 def test_raising_the_budget_is_a_site_setting(tmp_path: Path) -> None:
     ledger = Ledger.open(tmp_path, PrivacyBudget(epsilon=1.0, delta=1e-5))
     ledger.record(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=50, model_version="1")
-    with pytest.raises(BudgetExhausted):
+    with pytest.raises(BudgetExhaustedError):
         ledger.check(1.0, 0.1, 50)
     raised = Ledger.open(tmp_path, PrivacyBudget(epsilon=10.0, delta=1e-5))
     assert raised.check(1.0, 0.1, 50) < 10.0
