@@ -11,12 +11,11 @@ missing-but-expected or corrupted ledger stops training instead of silently star
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import ConfigError, FedCTError
+from common.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Ledger:
             state_dir.mkdir(parents=True, exist_ok=True)
             ledger = cls(path, budget)
             ledger._save()
-            _atomic_write_text(marker, json.dumps({"ledger": LEDGER_FILE}, indent=2))
+            atomic_write_text(marker, json.dumps({"ledger": LEDGER_FILE}, indent=2))
             return ledger
         return cls._load(path, budget)
 
@@ -122,6 +122,13 @@ class Ledger:
                 f"the privacy ledger {path} is corrupted ({err}). Training is refused so the "
                 "budget is never silently reset; restore the ledger from backup."
             ) from err
+        if entries and entries[0].delta != budget.delta:
+            # δ is fixed for the life of a budget (it was chosen from the site's size at the
+            # first round); a different δ now would make the cumulative ε meaningless.
+            log.info(
+                "keeping the ledger's δ=%g (configured now: %g)", entries[0].delta, budget.delta
+            )
+            budget = dataclasses.replace(budget, delta=entries[0].delta)
         if entries and accountant != budget.accountant:
             raise LedgerError(
                 f"{path} was kept with the {accountant!r} accountant but the site is now "
@@ -222,7 +229,7 @@ class Ledger:
             "planned_rounds": self.planned_rounds,
             "entries": [asdict(e) for e in self.entries],
         }
-        _atomic_write_text(self.path, json.dumps({**body, "checksum": _checksum(body)}, indent=2))
+        atomic_write_text(self.path, json.dumps({**body, "checksum": _checksum(body)}, indent=2))
 
 
 def epsilon_of(history: list[tuple[float, float, int]], *, delta: float, accountant: str) -> float:
@@ -236,16 +243,3 @@ def epsilon_of(history: list[tuple[float, float, int]], *, delta: float, account
 
 def _checksum(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.dicom_io import CTFrame, UnusableFileError, read_ct_file
+from common.fileio import atomic_write, atomic_write_text
 from common.preprocess import GridConfig, to_model_grid
 
 log = logging.getLogger(__name__)
@@ -217,16 +216,10 @@ def _save(
     }
     # Write both files under temporary names, then rename: a crash never leaves a cache whose
     # manifest and images disagree (and _load checks that they agree anyway).
-    _atomic_write(folder / "images.npy", lambda h: np.save(h, images, allow_pickle=False))
-    _atomic_write(folder / "manifest.json", lambda h: h.write(json.dumps(manifest).encode()))
+    atomic_write(folder / "images.npy", lambda tmp: _save_npy(tmp, images))
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest))
 
 
-def _atomic_write(target: Path, write: Callable[[Any], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_npy(path: Path, images: np.ndarray) -> None:
+    with path.open("wb") as handle:  # a file handle: np.save would append ".npy" to a name
+        np.save(handle, images, allow_pickle=False)

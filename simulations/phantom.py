@@ -67,7 +67,7 @@ def random_anatomy(
         cx = side * (gap + lung_a)
         x = cx + rho * lung_a * 0.9 * np.cos(theta)
         y = rho * lung_b * 0.9 * np.sin(theta)
-        radius = float(np.clip(rng.lognormal(np.log(1.0), 0.4) * (1.3 - 0.6 * rho), 0.3, 3.0))
+        radius = float(np.clip(rng.lognormal(np.log(0.8), 0.35) * (1.3 - 0.6 * rho), 0.3, 2.0))
         vessels.append(Vessel(x, y, rng.normal(0, 0.25), rng.normal(0, 0.25), radius))
     found = tuple(
         _random_nodule(
@@ -104,8 +104,8 @@ def _random_nodule(
     gap: float,
     z_range: tuple[float, float],
 ) -> Nodule:
-    # Log-uniform diameter over 3-30 mm: many small nodules (hard), fewer large ones (easy).
-    diameter = float(np.exp(rng.uniform(np.log(3.0), np.log(30.0))))
+    # Log-uniform diameter over 4-30 mm: many small nodules (hard), fewer large ones (easy).
+    diameter = float(np.exp(rng.uniform(np.log(4.0), np.log(30.0))))
     rho = np.sqrt(rng.uniform(0, 1)) * (1 - diameter / 2 / min(lung_a, lung_b)) * 0.85
     theta = rng.uniform(0, 2 * np.pi)
     x = side * (gap + lung_a) + rho * lung_a * np.cos(theta)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CLASSES = ("normal", "nodule")
 # A slice counts as showing a nodule when its visible cross-section is at least this wide.
-MIN_VISIBLE_DIAMETER_MM = 3.0
+MIN_VISIBLE_DIAMETER_MM = 4.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,187 @@
+"""What a hospital does in one federated round, as plain functions (no Flower import).
+
+:func:`train_round` checks the received model, checks the site's privacy budget, trains and
+records the spend; :func:`evaluate_round` scores the global model on the site's held-out
+patients and returns only aggregates (counts, metrics, score histograms).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from torchvision.models.resnet import ResNet
+
+from client.privacy import BudgetExhaustedError, Ledger, PrivacyBudget, default_delta
+from client.training import TrainConfig, evaluate, sample_rate, steps_per_epoch, train_local
+from common.config import FederationConfig, SiteConfig
+from common.dataset import site_dataset
+from common.errors import FedCTError
+from common.metrics import binary_metrics, score_histograms
+from common.models import build_model
+from common.seeding import derive_seed
+from common.site import SiteData, load_site
+from common.weights import Weights, load_weights, model_weights, weight_problem
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, int | float | list[int] | list[float]]
+
+
+class ModelRejectedError(FedCTError):
+    """The model the server sent does not fit the federation's model; the site will not use it."""
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    weights: Weights | None  # None when the site did not train
+    metrics: Metrics
+    status: str  # "ok" or "budget-exhausted"
+
+
+def open_site(site: SiteConfig, fed: FederationConfig) -> SiteData:
+    """The site's data, from its frame cache in the state folder after the first read."""
+    data = load_site(
+        site.data_dir,
+        grid=fed.preprocess.grid,
+        cache_dir=Path(site.state_dir) / "frame-cache",
+        val_fraction=fed.val_fraction,
+        progress=False,
+    )
+    data.require_trainable(fed.class_names)
+    return data
+
+
+def model_version(weights: Weights) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(weights[key]).tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _global_model(fed: FederationConfig, weights: Weights) -> ResNet:
+    model = build_model(replace(fed.model_config, pretrained=None))
+    problem = weight_problem(weights, model_weights(model))
+    if problem is not None:
+        raise ModelRejectedError(f"the received model does not fit this federation: {problem}")
+    load_weights(model, weights)
+    return model
+
+
+def train_round(
+    site: SiteConfig,
+    fed: FederationConfig,
+    weights: Weights,
+    *,
+    server_round: int,
+    progress: bool = False,
+) -> TrainReply:
+    data = open_site(site, fed)
+    dataset = site_dataset(
+        data,
+        "train",
+        classes=fed.class_names,
+        windows=fed.preprocess.windows,
+        train=True,
+        seed=derive_seed(fed.seed, server_round),
+    )
+    model = _global_model(fed, weights)
+    cfg = TrainConfig(
+        epochs=fed.local_epochs,
+        learning_rate=fed.learning_rate,
+        momentum=fed.momentum,
+        batch_size=fed.batch_size,
+        physical_batch_size=fed.physical_batch_size,
+        max_grad_norm=fed.max_grad_norm,
+        proximal_mu=fed.proximal_mu if fed.strategy == "fedprox" else 0.0,
+    )
+    n = len(dataset)
+    version = model_version(weights)
+    sigma = None
+    ledger = None
+    if site.dp:
+        patients = len({data.slices[i].patient_key for i in data.indices("train")})
+        budget = PrivacyBudget(
+            epsilon=site.epsilon,
+            delta=site.delta or default_delta(patients),
+            accountant=fed.accountant,
+        )
+        ledger = Ledger.open(Path(site.state_dir), budget)
+        q, steps = sample_rate(n, cfg.batch_size), cfg.epochs * steps_per_epoch(n, cfg.batch_size)
+        sigma = ledger.calibrate(
+            sample_rate=q, steps_per_round=steps, planned_rounds=fed.privacy_horizon
+        )
+        try:
+            ledger.check(sigma, q, steps)
+        except BudgetExhaustedError as err:
+            log.warning("%s: %s", site.site_name, err)
+            return TrainReply(
+                None,
+                {"num-examples": 0, "epsilon": ledger.spent_epsilon, "budget-exhausted": 1},
+                "budget-exhausted",
+            )
+    result = train_local(
+        model,
+        dataset,
+        cfg,
+        noise_multiplier=sigma,
+        seed=derive_seed(fed.seed, site.site_name, server_round),
+        progress=progress,
+        description=site.site_name,
+    )
+    epsilon = math.nan
+    if ledger is not None and sigma is not None:
+        entry = ledger.record(
+            round=server_round,
+            noise_multiplier=sigma,
+            sample_rate=result.sample_rate,
+            steps=result.steps,
+            model_version=version,
+        )
+        epsilon = entry.epsilon
+    metrics: Metrics = {
+        "num-examples": n,
+        "train-loss": result.mean_loss,
+        "steps": result.steps,
+        "train-seconds": result.seconds,
+        "epsilon": epsilon,
+        "epsilon-budget": site.epsilon if site.dp else math.nan,
+        "noise-multiplier": sigma if sigma is not None else 0.0,
+        "budget-exhausted": 0,
+    }
+    return TrainReply(model_weights(model, fed.transfer_dtype), metrics, "ok")
+
+
+def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) -> Metrics:
+    """Aggregate metrics of the global model on the site's held-out patients."""
+    data = open_site(site, fed)
+    split = data.eval_split()
+    dataset = site_dataset(
+        data, split, classes=fed.class_names, windows=fed.preprocess.windows, train=False
+    )
+    n = len(dataset)
+    if n < fed.min_eval_cases:
+        # Too few cases to report anything but a count without disclosing a tiny cohort.
+        return {"num-examples": n, "reported": 0}
+    result = evaluate(_global_model(fed, weights), dataset)
+    positive = result.targets == len(fed.class_names) - 1
+    scores = result.probabilities[:, -1]
+    m = binary_metrics(scores, positive)
+    hist = score_histograms(scores, positive, bins=fed.histogram_bins)
+    return {
+        "num-examples": n,
+        "reported": 1,
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+        "sensitivity": m.sensitivity,
+        "specificity": m.specificity,
+        "auroc": m.auroc,
+        "positives": m.positives,
+        "hist-neg": hist[0].tolist(),
+        "hist-pos": hist[1].tolist(),
+    }

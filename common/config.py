@@ -1,0 +1,213 @@
+"""FedCT's settings, parsed once into frozen, validated dataclasses.
+
+``FederationConfig`` holds the federation-wide settings: the defaults are the
+``[tool.flwr.app.config]`` table of pyproject.toml (kebab-case keys), overridable per run
+(``--run-config`` or ``fedct simulate --set key=value``). ``SiteConfig`` holds what only a
+hospital decides (its data folder, state folder and privacy budget); it arrives as the SuperNode's
+node config and never from the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+from common.models import ARCHITECTURES, FREEZE_POLICIES, ModelConfig
+from common.preprocess import GridConfig, PreprocessConfig, parse_windows
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+TRANSFER_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_server_rounds: int = 5
+    local_epochs: int = 1
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    physical_batch_size: int = 32
+    max_grad_norm: float = 1.0
+    model: str = "resnet18"
+    image_size: int = 128
+    target_spacing_mm: float = 0.0  # 0: fit the whole field of view
+    windows: str = "lung,mediastinum,bone"
+    classes: str = "normal,nodule"
+    freeze: str = "none"
+    pretrained: str = ""  # server-side path to a torchvision state dict for the first model
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01  # FedAdam
+    trimmed_fraction: float = 0.2  # FedTrimmedAvg
+    min_sites: int = 2
+    fraction_train: float = 1.0
+    round_timeout: float = 3600.0
+    transfer_dtype: str = "float32"
+    max_update_norm: float = 1.0e4
+    min_eval_cases: int = 10
+    histogram_bins: int = 100
+    planned_rounds: int = 0  # privacy calibration horizon; 0: num-server-rounds
+    dp: bool = True
+    epsilon: float = 8.0  # default per-site budget when a site does not set its own
+    delta: float = 0.0  # 0: below 1/N for the site's N training patients
+    accountant: str = "rdp"
+    val_fraction: float = 0.2
+    seed: int = 0
+    output_dir: str = "fedct-output"
+    resume: bool = True
+    data_root: str = ""  # simulation only: one sub-folder per hospital
+
+    def __post_init__(self) -> None:
+        positive = (
+            "num_server_rounds",
+            "local_epochs",
+            "batch_size",
+            "physical_batch_size",
+            "min_sites",
+            "histogram_bins",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)} must be at least 1, got {getattr(self, name)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+        if self.transfer_dtype not in TRANSFER_DTYPES:
+            raise ConfigError(f"transfer-dtype must be one of {', '.join(TRANSFER_DTYPES)}")
+        if self.model not in ARCHITECTURES:
+            raise ConfigError(
+                f"unknown model {self.model!r}; choose one of {sorted(ARCHITECTURES)}"
+            )
+        if self.freeze not in FREEZE_POLICIES:
+            raise ConfigError(
+                f"unknown freeze {self.freeze!r}; one of {', '.join(FREEZE_POLICIES)}"
+            )
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError(f"classes must name at least two distinct classes: {self.classes!r}")
+        if self.dp and not self.epsilon > 0:
+            raise ConfigError("epsilon must be positive (or set dp = false)")
+        self.preprocess  # noqa: B018 - validates windows, image size and spacing
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c.strip() for c in self.classes.split(",") if c.strip())
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        spacing = self.target_spacing_mm if self.target_spacing_mm > 0 else None
+        return PreprocessConfig(GridConfig(self.image_size, spacing), parse_windows(self.windows))
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            architecture=self.model,
+            num_classes=len(self.class_names),
+            in_channels=self.preprocess.channels,
+            pretrained=Path(self.pretrained) if self.pretrained else None,
+            freeze=self.freeze,
+        )
+
+    @property
+    def privacy_horizon(self) -> int:
+        return self.planned_rounds or self.num_server_rounds
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> FederationConfig:
+        """From kebab-case run-config keys; unknown keys are an error naming the known ones."""
+        return _from_mapping(cls, values, "run config")
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A hospital's own settings (the SuperNode's node config)."""
+
+    site_name: str
+    data_dir: str
+    state_dir: str
+    epsilon: float = 8.0  # this site's privacy budget over the whole federation
+    delta: float = 0.0  # 0: below 1/N for the site's N training patients
+    dp: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.site_name or not self.data_dir or not self.state_dir:
+            raise ConfigError("a site needs site-name, data-dir and state-dir in its node config")
+        if self.dp and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ConfigError(f"site epsilon must be a positive number, got {self.epsilon}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SiteConfig:
+        return _from_mapping(cls, values, "node config")
+
+
+def app_defaults(project_root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of FedCT's pyproject.toml."""
+    path = project_root / "pyproject.toml"
+    try:
+        data = tomllib.loads(path.read_text())
+        return dict(data["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read FedCT's defaults from {path}: {err}") from err
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings (TOML values; bare words are strings) into a mapping."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out[key.strip()] = value
+    return out
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _from_mapping(cls: Any, values: Mapping[str, Any], what: str) -> Any:
+    known = {_key(f.name): f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {what} key(s) {unknown}; known keys: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        field = known[key]
+        kwargs[field.name] = _coerce(key, value, field.type)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    kind = str(kind)
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} = {value!r} is not a valid {kind}") from None

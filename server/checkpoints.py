@@ -1,0 +1,109 @@
+"""Per-round checkpoints and the metrics history, written next to each other.
+
+``OUT/checkpoints/round-NNNN.safetensors`` holds the global model (safetensors: loading it can
+never execute code), ``round-NNNN.json`` the server state needed to continue (round, strategy
+and its optimizer state, sites out of budget), and ``latest.json`` names the newest complete
+checkpoint; it is written last, so a crash mid-save leaves the previous one in force.
+``OUT/metrics.jsonl`` gets one JSON line per round (per site and pooled).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from common.errors import FedCTError
+from common.fileio import atomic_write, atomic_write_text
+from common.weights import Weights
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(FedCTError):
+    """A checkpoint exists but cannot be used to resume."""
+
+
+@dataclass
+class ServerState:
+    round: int
+    strategy: str
+    exhausted_sites: list[str] = field(default_factory=list)
+    optimizer_state: dict[str, Weights] = field(default_factory=dict)  # e.g. FedAdam m_t, v_t
+
+
+class CheckpointStore:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def save(self, weights: Weights, state: ServerState) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = f"round-{state.round:04d}"
+        model_path = self.folder / f"{stem}.safetensors"
+        _save_weights(model_path, weights)
+        for name, arrays in state.optimizer_state.items():
+            _save_weights(self.folder / f"{stem}.{name}.safetensors", arrays)
+        meta = {
+            "round": state.round,
+            "strategy": state.strategy,
+            "exhausted_sites": sorted(state.exhausted_sites),
+            "optimizer_state": sorted(state.optimizer_state),
+            "model": model_path.name,
+        }
+        atomic_write_text(self.folder / f"{stem}.json", json.dumps(meta))
+        atomic_write_text(self.folder / "latest.json", json.dumps({"checkpoint": f"{stem}.json"}))
+        return model_path
+
+    def latest(self) -> tuple[Weights, ServerState] | None:
+        pointer = self.folder / "latest.json"
+        if not pointer.is_file():
+            return None
+        try:
+            meta_path = self.folder / json.loads(pointer.read_text())["checkpoint"]
+            meta = json.loads(meta_path.read_text())
+            weights = load_file(str(self.folder / meta["model"]))
+            stem = meta_path.stem
+            optimizer = {
+                name: load_file(str(self.folder / f"{stem}.{name}.safetensors"))
+                for name in meta.get("optimizer_state", [])
+            }
+            state = ServerState(
+                int(meta["round"]),
+                str(meta["strategy"]),
+                list(meta.get("exhausted_sites", [])),
+                optimizer,
+            )
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"cannot resume from {pointer}: {err}. Move the checkpoints folder away to "
+                "start a new run, or restore it from backup."
+            ) from err
+        return weights, state
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(record, default=_json_default, allow_nan=True) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _save_weights(path: Path, weights: Weights) -> None:
+    contiguous = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))

@@ -1,0 +1,261 @@
+"""FedCT's strategies: Flower's own (FedAvg, FedProx, FedAdam, FedMedian, FedTrimmedAvg, Krum)
+extended through their hooks by one mixin, never by copying their loop.
+
+The mixin adds what a hospital federation needs around Flower's aggregation:
+- sites out of privacy budget are recorded, shown and no longer selected for training;
+- every update is validated (keys, shapes, dtypes, finite values, update norm) and excluded from
+  the round with a logged reason when it fails; fewer than ``min-sites`` good updates keep the
+  previous model;
+- float16 transfers are cast to float32 before aggregation;
+- evaluation pools the sites' score histograms into an exact pooled AUROC (up to bin width);
+- ``end_of_round`` (Flower's evaluate_fn hook) checkpoints the model and server state and
+  appends the round to ``metrics.jsonl``; a resumed run continues its round numbering.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
+
+from common.config import FederationConfig
+from common.metrics import auroc_from_histograms
+from common.weights import Weights, weight_problem
+from server.checkpoints import CheckpointStore, ServerState, append_metrics
+
+log = logging.getLogger(__name__)
+
+
+class FedCTMixin:
+    """Hospital-federation behaviour around any Flower message-based strategy."""
+
+    def setup(
+        self, fed: FederationConfig, out: Path, *, first_round: int, state: ServerState | None
+    ) -> None:
+        self.fed = fed
+        self.offset = first_round - 1
+        self.store = CheckpointStore(out / "checkpoints")
+        self.metrics_path = out / "metrics.jsonl"
+        self.exhausted: set[str] = set(state.exhausted_sites) if state else set()
+        self.node_sites: dict[int, str] = {}
+        self.global_weights: Weights = {}
+        self.round_log: dict[str, Any] = {}
+        self.round_start = time.time()
+        if state is not None:
+            for name, arrays in state.optimizer_state.items():
+                setattr(self, name, {k: np.asarray(v) for k, v in arrays.items()})
+
+    # -- training -----------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.round_start = time.time()
+        actual = server_round + self.offset
+        self.round_log = {
+            "round": actual,
+            "train": {},
+            "excluded": {},
+            "failed": {},
+            "exhausted": sorted(self.exhausted),
+        }
+        self.global_weights = {k: v.numpy() for k, v in arrays.items()}
+        messages = list(super().configure_train(actual, arrays, config, grid))  # type: ignore[misc]
+        if self.fed.transfer_dtype != "float32":  # the strategy's own state stays float32
+            outgoing = ArrayRecord(
+                {
+                    k: Array(v.astype(self.fed.transfer_dtype))
+                    for k, v in self.global_weights.items()
+                }
+            )
+            for message in messages:
+                message.content["arrays"] = outgoing
+        keep = [
+            m for m in messages if self.node_sites.get(m.metadata.dst_node_id) not in self.exhausted
+        ]
+        if len(keep) < len(messages):
+            log.info(
+                "round %d: not selecting %d site(s) out of privacy budget",
+                actual,
+                len(messages) - len(keep),
+            )
+        return keep
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        actual = server_round + self.offset
+        usable: list[Message] = []
+        for msg in replies:
+            if msg.has_error():
+                reason = msg.error.reason.splitlines()[0][:300] if msg.error.reason else "error"
+                site = self.node_sites.get(
+                    msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}"
+                )
+                self.round_log["failed"][site] = reason
+                log.warning("round %d: %s failed: %s", actual, site, reason)
+                continue
+            site = self._site_of(msg)
+            metrics: dict[str, Any] = dict(msg.content.metric_records["metrics"])
+            if int(metrics.get("budget-exhausted", 0)):
+                self.exhausted.add(site)
+                self.round_log["exhausted"] = sorted(self.exhausted)
+                log.warning(
+                    "round %d: %s has exhausted its privacy budget (ε=%.3g) and will "
+                    "not be selected again",
+                    actual,
+                    site,
+                    metrics.get("epsilon", 0),
+                )
+                continue
+            problem = self._invalid(msg)
+            if problem is not None:
+                self.round_log["excluded"][site] = problem
+                log.warning("round %d: update from %s excluded: %s", actual, site, problem)
+                continue
+            self.round_log["train"][site] = metrics
+            usable.append(msg)
+        if len(usable) < self.fed.min_sites:
+            log.warning(
+                "round %d: only %d usable update(s), %d required; keeping the previous model",
+                actual,
+                len(usable),
+                self.fed.min_sites,
+            )
+            return None, None
+        return super().aggregate_train(actual, usable)  # type: ignore[misc]
+
+    def _site_of(self, msg: Message) -> str:
+        name = str(msg.content.config_records["site"]["name"])
+        self.node_sites[msg.metadata.src_node_id] = name
+        return name
+
+    def _invalid(self, msg: Message) -> str | None:
+        records = msg.content.array_records
+        if "arrays" not in records:
+            return "no model update in the reply"
+        weights = {k: v.numpy() for k, v in records["arrays"].items()}
+        problem = weight_problem(
+            weights, self.global_weights, max_distance=self.fed.max_update_norm
+        )
+        if problem is None:  # aggregate in float32 whatever crossed the wire
+            record = records["arrays"]
+            for key, value in weights.items():
+                if value.dtype != np.float32:
+                    record[key] = Array(value.astype(np.float32))
+        return problem
+
+    # -- evaluation ---------------------------------------------------------------------
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        actual = server_round + self.offset
+        sites: dict[str, dict[str, Any]] = {}
+        hist: np.ndarray | None = None
+        total = loss = correct = 0.0
+        for msg in replies:
+            if msg.has_error():
+                site = self.node_sites.get(
+                    msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}"
+                )
+                self.round_log.setdefault("failed", {})[site] = "evaluation failed"
+                continue
+            site = self._site_of(msg)
+            m: dict[str, Any] = dict(msg.content.metric_records["metrics"])
+            sites[site] = {k: v for k, v in m.items() if not k.startswith("hist-")}
+            if not int(m.get("reported", 0)):
+                continue
+            h = np.asarray([m["hist-neg"], m["hist-pos"]], dtype=np.int64)
+            hist = h if hist is None else hist + h
+            n = float(m["num-examples"])
+            total += n
+            loss += float(m["loss"]) * n
+            correct += float(m["accuracy"]) * n
+        pooled: dict[str, Any] = {"num-examples": int(total)}
+        if hist is not None and total > 0:
+            pooled.update(
+                {
+                    "auroc": auroc_from_histograms(hist),
+                    "loss": loss / total,
+                    "accuracy": correct / total,
+                    "hist-neg": hist[0].tolist(),
+                    "hist-pos": hist[1].tolist(),
+                }
+            )
+        self.round_log["evaluate"] = sites
+        self.round_log["pooled"] = pooled
+        log.info(
+            "round %d: pooled AUROC %.3f over %d held-out slices (%d sites)",
+            actual,
+            pooled.get("auroc", math.nan),
+            int(total),
+            len(sites),
+        )
+        return MetricRecord({k: v for k, v in pooled.items() if not k.startswith("hist-")})
+
+    # -- end of round: checkpoint and history (Flower's evaluate_fn hook) --------------
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None  # called once before the first round: nothing to save yet
+        actual = server_round + self.offset
+        weights = {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
+        optimizer = {
+            name: getattr(self, name)
+            for name in ("m_t", "v_t")
+            if getattr(self, name, None) is not None
+        }
+        self.store.save(
+            weights, ServerState(actual, self.fed.strategy, sorted(self.exhausted), optimizer)
+        )
+        self.round_log["seconds"] = round(time.time() - self.round_start, 3)
+        append_metrics(self.metrics_path, self.round_log)
+        return None
+
+
+_BASES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
+
+
+def make_strategy(
+    fed: FederationConfig, out: Path, *, first_round: int, state: ServerState | None
+) -> FedCTMixin:
+    """Flower's strategy named by ``fed.strategy``, with FedCT's mixin in front."""
+    base = _BASES[fed.strategy]
+    cls = type(f"FedCT{base.__name__}", (FedCTMixin, base), {})
+    kwargs: dict[str, Any] = {
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": fed.min_sites,
+        "min_evaluate_nodes": fed.min_sites,
+        "min_available_nodes": fed.min_sites,
+    }
+    if fed.strategy == "fedprox":
+        kwargs["proximal_mu"] = fed.proximal_mu
+    elif fed.strategy == "fedadam":
+        kwargs["eta"] = fed.server_learning_rate
+    elif fed.strategy == "fedtrimmedavg":
+        kwargs["beta"] = fed.trimmed_fraction
+    strategy: FedCTMixin = cls(**kwargs)
+    strategy.setup(fed, out, first_round=first_round, state=state)
+    return strategy
