@@ -14,13 +14,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from torchvision.models.resnet import ResNet
 
 from client.privacy import BudgetExhaustedError, Ledger, PrivacyBudget, default_delta
 from client.training import TrainConfig, evaluate, sample_rate, steps_per_epoch, train_local
 from common.config import FederationConfig, SiteConfig
-from common.dataset import site_dataset
+from common.dataset import CTSlices, site_dataset
 from common.errors import FedCTError
+from common.gradcam import cam_maps, localization
 from common.metrics import binary_metrics, score_histograms
 from common.models import build_model
 from common.seeding import derive_seed
@@ -168,12 +170,14 @@ def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) ->
     if n < fed.min_eval_cases:
         # Too few cases to report anything but a count without disclosing a tiny cohort.
         return {"num-examples": n, "reported": 0}
-    result = evaluate(_global_model(fed, weights), dataset)
-    positive = result.targets == len(fed.class_names) - 1
+    model = _global_model(fed, weights)
+    result = evaluate(model, dataset)
+    positive_class = len(fed.class_names) - 1
+    positive = result.targets == positive_class
     scores = result.probabilities[:, -1]
     m = binary_metrics(scores, positive)
     hist = score_histograms(scores, positive, bins=fed.histogram_bins)
-    return {
+    metrics: Metrics = {
         "num-examples": n,
         "reported": 1,
         "loss": result.loss,
@@ -184,4 +188,35 @@ def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) ->
         "positives": m.positives,
         "hist-neg": hist[0].tolist(),
         "hist-pos": hist[1].tolist(),
+    }
+    true_positive = positive & (scores >= 0.5)
+    rows = data.indices(split)
+    metrics.update(cam_localization(model, data, dataset, rows, true_positive, positive_class))
+    return metrics
+
+
+def cam_localization(
+    model: ResNet,
+    data: SiteData,
+    dataset: CTSlices,
+    rows: np.ndarray,
+    true_positive: np.ndarray,
+    positive_class: int,
+    *,
+    limit: int = 64,
+) -> Metrics:
+    """Grad-CAM pointing-game hit rate and energy inside the lesion on true-positive slices
+    that have a mask (at most ``limit``); only these averages and a count leave the site."""
+    chosen = [
+        int(i) for i in np.flatnonzero(true_positive) if data.lesion_mask(int(rows[i])) is not None
+    ][:limit]
+    if not chosen:
+        return {"cam-slices": 0, "cam-pointing": math.nan, "cam-energy": math.nan}
+    images = torch.stack([dataset[i][0] for i in chosen])
+    masks = np.stack([data.lesion_mask(int(rows[i])) for i in chosen])  # type: ignore[misc]
+    found = localization(cam_maps(model, images, target_class=positive_class), masks)
+    return {
+        "cam-slices": found.slices,
+        "cam-pointing": found.pointing_hit_rate,
+        "cam-energy": found.mean_energy_inside,
     }

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from common.errors import SiteDataError
 from common.frame_cache import FrameMeta, decode_site
-from common.labels import SPLITS, discover
-from common.preprocess import GridConfig
+from common.labels import MASKS_DIR, SPLITS, discover
+from common.preprocess import GridConfig, to_model_grid
 from common.split import patient_split
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,24 @@ class SiteData:
         return np.asarray(
             [i for i, s in enumerate(self.slices) if s.split in wanted], dtype=np.int64
         )
+
+    def lesion_mask(self, index: int) -> np.ndarray | None:
+        """The lesion mask of slice ``index`` on the model grid (bool), if the site has one in
+        ``SITE/masks/<SOPInstanceUID>.png`` (``..._<frame>.png`` for multi-frame objects)."""
+        meta = self.slices[index].meta
+        folder = self.root / MASKS_DIR
+        for name in (f"{meta.sop_instance_uid}_{meta.frame}.png", f"{meta.sop_instance_uid}.png"):
+            path = folder / name
+            if path.is_file():
+                with Image.open(path) as image:
+                    mask = np.asarray(image.convert("L")) > 0
+                if mask.shape != (meta.rows, meta.cols):
+                    raise SiteDataError(f"{path} is {mask.shape[1]}x{mask.shape[0]}, but its "
+                                        f"slice is {meta.cols}x{meta.rows}")
+                grid = to_model_grid(mask.astype(np.float32), meta.pixel_spacing, self.grid,
+                                     fill=0.0)
+                return grid > 0  # any coverage: small lesions must not vanish when shrunk
+        return None
 
     def eval_split(self) -> str:
         """The held-out split used for evaluation: ``test`` when the site defines one."""

@@ -167,7 +167,7 @@ class FedCTMixin:
         actual = server_round + self.offset
         sites: dict[str, dict[str, Any]] = {}
         hist: np.ndarray | None = None
-        total = loss = correct = 0.0
+        total = loss = correct = cam_slices = cam_pointing = cam_energy = 0.0
         for msg in replies:
             if msg.has_error():
                 site = self.node_sites.get(
@@ -186,7 +186,15 @@ class FedCTMixin:
             total += n
             loss += float(m["loss"]) * n
             correct += float(m["accuracy"]) * n
-        pooled: dict[str, Any] = {"num-examples": int(total)}
+            k = float(m.get("cam-slices", 0))
+            if k > 0:
+                cam_slices += k
+                cam_pointing += float(m["cam-pointing"]) * k
+                cam_energy += float(m["cam-energy"]) * k
+        pooled: dict[str, Any] = {"num-examples": int(total), "cam-slices": int(cam_slices)}
+        if cam_slices > 0:
+            pooled["cam-pointing"] = cam_pointing / cam_slices
+            pooled["cam-energy"] = cam_energy / cam_slices
         if hist is not None and total > 0:
             pooled.update(
                 {

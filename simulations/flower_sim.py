@@ -13,11 +13,11 @@ import random
 from typing import Any
 
 from flwr.app import Context, RecordDict
-from flwr.simulation.run_simulation import _run_simulation
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from client.client_app import app as client_app

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.gradcam import cam_maps, energy_inside, localization, pointing_hit
+from common.models import ModelConfig, build_model
+from common.preprocess import GridConfig
+from common.site import load_site
+
+
+def test_pointing_game_and_energy_on_hand_made_maps() -> None:
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:4, 2:4] = True
+    inside = np.zeros((8, 8), dtype=np.float32)
+    inside[3, 3] = 1.0
+    inside[6, 6] = 0.5
+    assert pointing_hit(inside, mask)
+    assert energy_inside(inside, mask) == pytest.approx(1.0 / 1.5)
+    outside = np.zeros((8, 8), dtype=np.float32)
+    outside[7, 7] = 1.0
+    assert not pointing_hit(outside, mask)
+    assert energy_inside(outside, mask) == 0.0
+    result = localization(np.stack([inside, outside, inside]),
+                          np.stack([mask, mask, np.zeros_like(mask)]))
+    assert result.slices == 2
+    assert result.pointing_hit_rate == pytest.approx(0.5)
+    assert result.mean_energy_inside == pytest.approx((1 / 1.5 + 0) / 2)
+    assert math.isnan(localization(inside[None], np.zeros((1, 8, 8), bool)).pointing_hit_rate)
+
+
+def test_cam_releases_hooks_and_keeps_mode() -> None:
+    model = build_model(ModelConfig())
+    model.train()
+    maps = cam_maps(model, torch.randn(2, 3, 64, 64), target_class=1)
+    assert maps.shape == (2, 64, 64)
+    assert maps.min() >= 0.0
+    assert maps.max() <= 1.0
+    assert model.training
+    hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+    assert hooks == 0
+
+
+def test_lesion_masks_come_onto_the_grid(tiny_site: Path) -> None:
+    site = load_site(tiny_site, grid=GridConfig(32), progress=False)
+    positives = [i for i, s in enumerate(site.slices) if s.label == "nodule"]
+    negatives = [i for i, s in enumerate(site.slices) if s.label == "normal"]
+    assert positives
+    masks = [site.lesion_mask(i) for i in positives]
+    assert all(m is not None and m.shape == (32, 32) and m.any() for m in masks)
+    assert all(site.lesion_mask(i) is None for i in negatives)
