@@ -186,6 +186,13 @@ def _from_mapping(cls: Any, values: Mapping[str, Any], what: str) -> Any:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown {what} key(s) {unknown}; known keys: {sorted(known)}")
+    missing = sorted(
+        _key(f.name)
+        for f in fields(cls)
+        if f.default is dataclasses.MISSING and _key(f.name) not in values
+    )
+    if missing:
+        raise ConfigError(f"{what} lacks required key(s) {missing}")
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         field = known[key]

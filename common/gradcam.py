@@ -24,16 +24,18 @@ from common.models import last_conv_stage
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 
 
-def cam_maps(model: nn.Module, images: torch.Tensor, *, target_class: int,
-             method: str = "gradcam") -> np.ndarray:
+def cam_maps(
+    model: nn.Module, images: torch.Tensor, *, target_class: int, method: str = "gradcam"
+) -> np.ndarray:
     """``(N, H, W)`` class-activation maps in [0, 1] for ``target_class``."""
     if method not in METHODS:
         raise ConfigError(f"unknown CAM method {method!r}; choose one of {sorted(METHODS)}")
     was_training = model.training
     try:
         with METHODS[method](model=model, target_layers=[last_conv_stage(model)]) as cam:
-            maps = cam(input_tensor=images,
-                       targets=[ClassifierOutputTarget(target_class)] * len(images))
+            maps = cam(
+                input_tensor=images, targets=[ClassifierOutputTarget(target_class)] * len(images)
+            )
     finally:
         model.train(was_training)
     return np.asarray(maps, dtype=np.float32)
@@ -69,8 +71,9 @@ def localization(cams: np.ndarray, masks: np.ndarray) -> Localization:
     return Localization(len(scored), float(np.mean(hits)), float(np.mean(energy)))
 
 
-def confidence_drop(model: nn.Module, images: torch.Tensor, cams: np.ndarray, *,
-                    target_class: int) -> float:
+def confidence_drop(
+    model: nn.Module, images: torch.Tensor, cams: np.ndarray, *, target_class: int
+) -> float:
     """Mean drop in the target's probability when only the CAM-weighted image is shown (lower
     is more faithful: the highlighted region carries the decision)."""
     metric = DropInConfidence()

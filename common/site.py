@@ -81,10 +81,13 @@ class SiteData:
                 with Image.open(path) as image:
                     mask = np.asarray(image.convert("L")) > 0
                 if mask.shape != (meta.rows, meta.cols):
-                    raise SiteDataError(f"{path} is {mask.shape[1]}x{mask.shape[0]}, but its "
-                                        f"slice is {meta.cols}x{meta.rows}")
-                grid = to_model_grid(mask.astype(np.float32), meta.pixel_spacing, self.grid,
-                                     fill=0.0)
+                    raise SiteDataError(
+                        f"{path} is {mask.shape[1]}x{mask.shape[0]}, but its "
+                        f"slice is {meta.cols}x{meta.rows}"
+                    )
+                grid = to_model_grid(
+                    mask.astype(np.float32), meta.pixel_spacing, self.grid, fill=0.0
+                )
                 return grid > 0  # any coverage: small lesions must not vanish when shrunk
         return None
 

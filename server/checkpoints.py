@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from common.errors import FedCTError
@@ -78,7 +79,7 @@ class CheckpointStore:
                 list(meta.get("exhausted_sites", [])),
                 optimizer,
             )
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
             raise CheckpointError(
                 f"cannot resume from {pointer}: {err}. Move the checkpoints folder away to "
                 "start a new run, or restore it from backup."

@@ -25,8 +25,9 @@ def test_pointing_game_and_energy_on_hand_made_maps() -> None:
     outside[7, 7] = 1.0
     assert not pointing_hit(outside, mask)
     assert energy_inside(outside, mask) == 0.0
-    result = localization(np.stack([inside, outside, inside]),
-                          np.stack([mask, mask, np.zeros_like(mask)]))
+    result = localization(
+        np.stack([inside, outside, inside]), np.stack([mask, mask, np.zeros_like(mask)])
+    )
     assert result.slices == 2
     assert result.pointing_hit_rate == pytest.approx(0.5)
     assert result.mean_energy_inside == pytest.approx((1 / 1.5 + 0) / 2)

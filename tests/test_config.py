@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+
+from common.config import FederationConfig, SiteConfig, app_defaults, parse_overrides
+from common.errors import ConfigError
+
+
+def test_pyproject_defaults_match_the_dataclass() -> None:
+    assert app_defaults() == FederationConfig().to_mapping()
+
+
+def test_run_config_overrides_and_errors() -> None:
+    fed = FederationConfig.from_mapping({**app_defaults(), "num-server-rounds": "3", "dp": "false"})
+    assert fed.num_server_rounds == 3
+    assert fed.dp is False
+    with pytest.raises(ConfigError, match="unknown run config key"):
+        FederationConfig.from_mapping({"num-rounds": 3})
+    with pytest.raises(ConfigError, match="not a valid int"):
+        FederationConfig.from_mapping({"num-server-rounds": "many"})
+    with pytest.raises(ConfigError, match="fedavg"):
+        FederationConfig.from_mapping({"strategy": "fedsgd"})
+
+
+def test_parse_overrides() -> None:
+    assert parse_overrides(["a=1", "b=0.5", "c=true", "d=lung,bone"]) == {
+        "a": 1,
+        "b": 0.5,
+        "c": True,
+        "d": "lung,bone",
+    }
+    with pytest.raises(ConfigError):
+        parse_overrides(["novalue"])
+
+
+def test_site_config_needs_its_own_folders_and_budget() -> None:
+    with pytest.raises(ConfigError, match="data-dir"):
+        SiteConfig.from_mapping({"site-name": "a"})
+    with pytest.raises(ConfigError, match="epsilon"):
+        SiteConfig(site_name="a", data_dir="d", state_dir="s", epsilon=0.0)
