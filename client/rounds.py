@@ -7,6 +7,7 @@ patients and returns only aggregates (counts, metrics, score histograms).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -127,6 +128,11 @@ def train_round(
                 {"num-examples": 0, "epsilon": ledger.spent_epsilon, "budget-exhausted": 1},
                 "budget-exhausted",
             )
+    epsilon_after = None
+    if ledger is not None and sigma is not None:
+        q = sample_rate(n, cfg.batch_size)
+        epsilon_after = functools.partial(_epsilon_after, ledger, sigma, q)
+
     result = train_local(
         model,
         dataset,
@@ -135,6 +141,7 @@ def train_round(
         seed=derive_seed(fed.seed, site.site_name, server_round),
         progress=progress,
         description=site.site_name,
+        epsilon_after=epsilon_after,
     )
     epsilon = math.nan
     if ledger is not None and sigma is not None:
@@ -157,6 +164,10 @@ def train_round(
         "budget-exhausted": 0,
     }
     return TrainReply(model_weights(model, fed.transfer_dtype), metrics, "ok")
+
+
+def _epsilon_after(ledger: Ledger, sigma: float, q: float, steps: int) -> float:
+    return ledger.epsilon_after(sigma, q, max(steps, 1))
 
 
 def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) -> Metrics:

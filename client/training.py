@@ -95,11 +95,13 @@ def train_local(
     device: torch.device | str = "cpu",
     progress: bool = False,
     description: str = "training",
+    epsilon_after: Callable[[int], float] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs; DP-SGD when ``noise_multiplier`` is set.
 
-    DP-SGD uses Poisson sampling, per-sample clipping to ``cfg.max_grad_norm`` and Gaussian noise
-    of ``noise_multiplier * max_grad_norm``; physical batches are capped by Opacus'
+    ``epsilon_after(steps)`` (the site's cumulative ε after this many steps of the round) is
+    shown in the progress bar. DP-SGD uses Poisson sampling, per-sample clipping to
+    ``cfg.max_grad_norm`` and Gaussian noise of ``noise_multiplier * max_grad_norm``; physical batches are capped by Opacus'
     BatchMemoryManager so memory does not grow with the logical batch.
     """
     n = len(dataset)  # type: ignore[arg-type]
@@ -145,7 +147,10 @@ def train_local(
                 if not isinstance(opt, DPOptimizer) or not opt._is_last_step_skipped:
                     steps += 1
                 losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+                postfix = {"loss": f"{np.mean(losses[-20:]):.3f}"}
+                if epsilon_after is not None and progress:
+                    postfix["ε"] = f"{epsilon_after(steps):.2f}"
+                bar.set_postfix(postfix)
     return TrainResult(
         examples=n,
         steps=steps,

@@ -106,7 +106,7 @@ def decode_site(
         path = site / rel
         entry, pixels = _reuse(path, old_entries.get(rel), old_images)
         if entry is None:
-            entry, pixels = _decode_file(path, grid, decoder)
+            entry, pixels = _decode_file(path, grid, decoder, keep=folder is not None)
             decoded += 1
             changed = True
         elif entry is not old_entries.get(rel) or entry.row != row:
@@ -152,14 +152,15 @@ def _reuse(
 
 
 def _decode_file(
-    path: Path, grid: GridConfig, decoder: Decoder
+    path: Path, grid: GridConfig, decoder: Decoder, *, keep: bool
 ) -> tuple[FileEntry, np.ndarray | None]:
     try:
         data = path.read_bytes()
         stat = path.stat()
     except OSError as err:
         return FileEntry(0, 0, "", skip=f"cannot be read: {err.strerror or err}"), None
-    entry = FileEntry(len(data), stat.st_mtime_ns, _digest(data))
+    # the digest only matters for a cache that outlives this call
+    entry = FileEntry(len(data), stat.st_mtime_ns, _digest(data) if keep else "")
     try:
         frames = decoder(path, data)
     except UnusableFileError as err:
