@@ -101,8 +101,9 @@ def train_local(
 
     ``epsilon_after(steps)`` (the site's cumulative ε after this many steps of the round) is
     shown in the progress bar. DP-SGD uses Poisson sampling, per-sample clipping to
-    ``cfg.max_grad_norm`` and Gaussian noise of ``noise_multiplier * max_grad_norm``; physical batches are capped by Opacus'
-    BatchMemoryManager so memory does not grow with the logical batch.
+    ``cfg.max_grad_norm`` and Gaussian noise of ``noise_multiplier * max_grad_norm``;
+    physical batches are capped by Opacus' BatchMemoryManager so memory does not grow with
+    the logical batch.
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
