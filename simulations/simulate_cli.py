@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from common.config import FederationConfig, parse_overrides
+    from server.checkpoints import read_metrics
+    from simulations.report import write_report
     from simulations.simulate import (
         SimulationPaths,
         prepare_data,
@@ -74,7 +76,15 @@ def run(args: argparse.Namespace) -> int:
         + (f"DP ε={config['epsilon']} per site" if config["dp"] else "no DP")
     )
     run_federation(config, num_sites=len(sites), paths=paths, console=console)
-    summary = summarize(paths, FederationConfig.from_mapping(config))
-    console.print(f"pooled AUROC {summary['pooled_auroc']:.3f} after {summary['rounds']} rounds")
+    fed = FederationConfig.from_mapping(config)
+    summary = summarize(paths, fed)
+    report = write_report(paths.out, summary, read_metrics(paths.metrics), fed)
+    auroc = summary["pooled_auroc"]
+    console.print(
+        f"pooled AUROC {auroc:.3f} after {summary['rounds']} rounds"
+        if isinstance(auroc, float)
+        else "no pooled AUROC (too few held-out cases)"
+    )
     console.print(f"summary: {paths.out / 'summary.json'}")
+    console.print(f"report:  {report}")
     return 0

@@ -55,6 +55,10 @@ def test_simulation_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     checkpoints = out / "federation" / "checkpoints"
     assert (checkpoints / "round-0002.safetensors").is_file()
     assert (out / "federation" / "final_model.safetensors").is_file()
+    report = (out / "report.html").read_text()
+    for section in ("Sites", "Learning curves", "Privacy", "ROC curve"):
+        assert f"<h2>{section}</h2>" in report
+    assert "data:image/png;base64," in report
 
     # A restarted run continues at round 3, and every site's ledger continues its budget.
     ledger = out / "federation" / "sites" / "site-0" / "privacy-ledger.json"
