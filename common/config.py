@@ -28,7 +28,7 @@ TRANSFER_DTYPES = ("float32", "float16")
 
 @dataclass(frozen=True)
 class FederationConfig:
-    num_server_rounds: int = 5
+    num_server_rounds: int = 4
     local_epochs: int = 1
     learning_rate: float = 0.05
     momentum: float = 0.9
@@ -36,7 +36,7 @@ class FederationConfig:
     physical_batch_size: int = 32
     max_grad_norm: float = 1.0
     model: str = "resnet18"
-    image_size: int = 96
+    image_size: int = 64
     target_spacing_mm: float = 0.0  # 0: fit the whole field of view
     windows: str = "lung,mediastinum,bone"
     classes: str = "normal,nodule"

@@ -108,10 +108,14 @@ def run_federation(
             start_new_session=True,
             cwd=Path(__file__).resolve().parent.parent,
         )
+        # SIGTERM (a CI time limit, a service manager) must also stop the group: turn it into
+        # an exception so the ``finally`` below runs.
+        previous = signal.signal(signal.SIGTERM, _raise_exit)
         try:
             _follow(child, paths, rounds, done_before, console)
         finally:
             _stop_group(child)
+            signal.signal(signal.SIGTERM, previous)
     if child.returncode != 0:
         raise SimulationError(
             f"the federation stopped with exit code {child.returncode}; see {paths.log}"
@@ -173,6 +177,10 @@ def round_line(record: dict[str, Any]) -> str:
 def _fmt(record: dict[str, Any], key: str) -> str:
     value = record.get("pooled", {}).get(key)
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _stop_group(child: subprocess.Popen[bytes]) -> None:
