@@ -3,7 +3,7 @@
 Every structure has a plausible CT number and size: air, subcutaneous fat, muscle/soft tissue,
 aerated lung (about -850 HU) with vessels running cranio-caudally, mediastinum and heart,
 aorta, vertebral body with cortex, ribs, the patient table. Nodules are spheres (solid or
-ground-glass, 3-30 mm) whose cross-section is averaged over the slice thickness, so a nodule
+ground-glass, 4-30 mm) whose cross-section is averaged over the slice thickness, so a nodule
 smaller than a slice fades in and out as it would on a real scanner. On a single slice a small
 nodule looks much like a vessel seen end-on: that, the noise and the blur are what keep the
 task from being trivial.
