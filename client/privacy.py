@@ -108,20 +108,8 @@ class Ledger:
 
     @classmethod
     def _load(cls, path: Path, budget: PrivacyBudget) -> Ledger:
-        try:
-            data = json.loads(path.read_text())
-            body = {k: v for k, v in data.items() if k != "checksum"}
-            if data.get("checksum") != _checksum(body):
-                raise ValueError("checksum mismatch (the file was edited or damaged)")
-            if body.get("version") != LEDGER_VERSION:
-                raise ValueError(f"unsupported ledger version {body.get('version')!r}")
-            entries = [LedgerEntry(**e) for e in body["entries"]]
-            accountant = body.get("accountant", budget.accountant)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise LedgerError(
-                f"the privacy ledger {path} is corrupted ({err}). Training is refused so the "
-                "budget is never silently reset; restore the ledger from backup."
-            ) from err
+        body, entries = _read_verified(path)
+        accountant = body.get("accountant", budget.accountant)
         if entries and entries[0].delta != budget.delta:
             # δ is fixed for the life of a budget (it was chosen from the site's size at the
             # first round); a different δ now would make the cumulative ε meaningless.
@@ -230,6 +218,30 @@ class Ledger:
             "entries": [asdict(e) for e in self.entries],
         }
         atomic_write_text(self.path, json.dumps({**body, "checksum": _checksum(body)}, indent=2))
+
+
+def read_entries(state_dir: Path) -> list[LedgerEntry]:
+    """The verified entries of a site's ledger (for reports; the budget is not needed)."""
+    path = state_dir / LEDGER_FILE
+    if not path.is_file():
+        raise LedgerError(f"no privacy ledger in {state_dir} (expected {path})")
+    return _read_verified(path)[1]
+
+
+def _read_verified(path: Path) -> tuple[dict[str, Any], list[LedgerEntry]]:
+    try:
+        data = json.loads(path.read_text())
+        body = {k: v for k, v in data.items() if k != "checksum"}
+        if data.get("checksum") != _checksum(body):
+            raise ValueError("checksum mismatch (the file was edited or damaged)")
+        if body.get("version") != LEDGER_VERSION:
+            raise ValueError(f"unsupported ledger version {body.get('version')!r}")
+        return body, [LedgerEntry(**e) for e in body["entries"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise LedgerError(
+            f"the privacy ledger {path} is corrupted ({err}). Training is refused so the "
+            "budget is never silently reset; restore the ledger from backup."
+        ) from err
 
 
 def epsilon_of(history: list[tuple[float, float, int]], *, delta: float, accountant: str) -> float:

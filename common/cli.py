@@ -34,6 +34,7 @@ class Command:
 # One-line descriptions of command groups (commands with sub-commands of their own).
 GROUPS: dict[str, str] = {
     "data": "Check a hospital's DICOM folder, or write synthetic hospitals.",
+    "privacy": "A site's privacy budget: what was spent, round by round.",
 }
 
 COMMANDS: tuple[Command, ...] = (
@@ -46,6 +47,11 @@ COMMANDS: tuple[Command, ...] = (
         ("data", "synth"),
         "simulations.synth_cli",
         "Write synthetic hospitals of real DICOM CT series (for simulations and tests).",
+    ),
+    Command(
+        ("privacy", "report"),
+        "client.privacy_cli",
+        "Print a site's privacy ledger and the budget it has left.",
     ),
     Command(
         ("simulate",),

@@ -127,3 +127,16 @@ def test_zero_noise_update_respects_clipping_bound(noise: float | None) -> None:
         # one step of the mean of per-sample gradients each clipped to `clip`, with q=1:
         # every sample is drawn, so the step is at most `clip` (times lr=1)
         assert 0 < change <= clip * (1 + 1e-5)
+
+
+def test_privacy_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from common.cli import main
+
+    ledger = Ledger.open(tmp_path, PrivacyBudget(epsilon=8.0, delta=1e-5))
+    ledger.record(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10, model_version="abc")
+    assert main(["privacy", "report", str(tmp_path), "--epsilon", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "abc" in out
+    assert f"remaining {8 - ledger.spent_epsilon:.3f}" in out
+    ledger.path.write_text("{}")
+    assert main(["privacy", "report", str(tmp_path)]) == 1  # corrupted: a clear error
