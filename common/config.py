@@ -28,7 +28,7 @@ TRANSFER_DTYPES = ("float32", "float16")
 
 @dataclass(frozen=True)
 class FederationConfig:
-    num_server_rounds: int = 4
+    num_server_rounds: int = 3
     local_epochs: int = 1
     learning_rate: float = 0.05
     momentum: float = 0.9

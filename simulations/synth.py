@@ -55,7 +55,7 @@ PROFILES: tuple[HospitalProfile, ...] = (
         slices=6,
         noise_hu=18.0,
         blur_mm=0.6,
-        patients=90,
+        patients=60,
         prevalence=0.5,
     ),
     HospitalProfile(
@@ -75,7 +75,7 @@ PROFILES: tuple[HospitalProfile, ...] = (
         slices=5,
         noise_hu=28.0,
         blur_mm=1.0,
-        patients=60,
+        patients=40,
         prevalence=0.3,
     ),
     HospitalProfile(
@@ -95,7 +95,7 @@ PROFILES: tuple[HospitalProfile, ...] = (
         slices=4,
         noise_hu=40.0,
         blur_mm=1.4,
-        patients=45,
+        patients=30,
         prevalence=0.65,
     ),
 )
