@@ -16,7 +16,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="keep the decoded frames here, so training later reads no DICOM",
     )
-    parser.add_argument("--image-size", type=int, default=128, help="model grid size (px)")
+    parser.add_argument(
+        "--image-size", type=int, help="model grid size in px (default: the federation's)"
+    )
     parser.add_argument(
         "--classes",
         default=None,
@@ -28,11 +30,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from common.config import FederationConfig
     from common.preprocess import GridConfig
     from common.site import load_site
     from common.site_report import render_text, summarize
 
-    site = load_site(args.site, grid=GridConfig(args.image_size), cache_dir=args.cache)
+    size = args.image_size or FederationConfig().image_size
+    site = load_site(args.site, grid=GridConfig(size), cache_dir=args.cache)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     summary = summarize(site, classes)
     Console(highlight=False).print(render_text(summary), markup=False)
