@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.models import ARCHITECTURES, FREEZE_POLICIES, ModelConfig
+from common.models import ModelConfig
 from common.preprocess import GridConfig, PreprocessConfig, parse_windows
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -82,21 +82,13 @@ class FederationConfig:
             )
         if self.transfer_dtype not in TRANSFER_DTYPES:
             raise ConfigError(f"transfer-dtype must be one of {', '.join(TRANSFER_DTYPES)}")
-        if self.model not in ARCHITECTURES:
-            raise ConfigError(
-                f"unknown model {self.model!r}; choose one of {sorted(ARCHITECTURES)}"
-            )
-        if self.freeze not in FREEZE_POLICIES:
-            raise ConfigError(
-                f"unknown freeze {self.freeze!r}; one of {', '.join(FREEZE_POLICIES)}"
-            )
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
             raise ConfigError(f"classes must name at least two distinct classes: {self.classes!r}")
         if self.dp and not self.epsilon > 0:
             raise ConfigError("epsilon must be positive (or set dp = false)")
-        self.preprocess  # noqa: B018 - validates windows, image size and spacing
+        self.model_config  # noqa: B018 - validates the model, freeze policy, windows, grid
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -17,7 +17,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +27,6 @@ from common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ARCHITECTURES: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {}
-FreezePolicy = Literal["none", "head", "last1", "last2", "last3"]
 FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "last1", "last2", "last3")
 
 

@@ -8,7 +8,6 @@ nothing to train on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -231,8 +230,3 @@ def _leakage_warnings(slices: list[Slice]) -> list[str]:
         f"labels.csv puts {leaking} patient(s) in more than one of {'/'.join(SPLITS)}: "
         "their slices are not independent, so validation scores will be optimistic"
     ]
-
-
-def hashed(uid: str) -> str:
-    """A short one-way name for a UID, for anything that leaves the site or is logged."""
-    return hashlib.sha256(uid.encode()).hexdigest()[:12]

@@ -55,11 +55,3 @@ def weight_problem(
     if max_distance is not None and squared > max_distance**2:
         return f"update norm {np.sqrt(squared):.3g} exceeds the limit {max_distance:g}"
     return None
-
-
-def to_float32(weights: Mapping[str, np.ndarray]) -> Weights:
-    return {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
-
-
-def weights_nbytes(weights: Mapping[str, np.ndarray]) -> int:
-    return int(sum(np.asarray(v).nbytes for v in weights.values()))
