@@ -22,10 +22,9 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
-def site_config(context: Context) -> SiteConfig:
+def site_config(context: Context, fed: FederationConfig) -> SiteConfig:
     node = dict(context.node_config)
     if "partition-id" in node:  # a simulated site: the driver laid the sites out by index
-        fed = FederationConfig.from_mapping(context.run_config)
         sites = sorted(p for p in Path(fed.data_root).iterdir() if p.is_dir())
         site = sites[int(node["partition-id"])]
         return SiteConfig(
@@ -61,7 +60,7 @@ def _reply(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     fed = FederationConfig.from_mapping(context.run_config)
-    site = site_config(context)
+    site = site_config(context, fed)
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
     reply = train_round(site, fed, _weights(msg), server_round=server_round)
     return _reply(msg, site, reply.metrics, reply.weights, reply.status)
@@ -70,5 +69,5 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     fed = FederationConfig.from_mapping(context.run_config)
-    site = site_config(context)
+    site = site_config(context, fed)
     return _reply(msg, site, evaluate_round(site, fed, _weights(msg)), None, "ok")

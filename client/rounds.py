@@ -218,13 +218,17 @@ def cam_localization(
 ) -> Metrics:
     """Grad-CAM pointing-game hit rate and energy inside the lesion on true-positive slices
     that have a mask (at most ``limit``); only these averages and a count leave the site."""
-    chosen = [
-        int(i) for i in np.flatnonzero(true_positive) if data.lesion_mask(int(rows[i])) is not None
-    ][:limit]
+    chosen: list[tuple[int, np.ndarray]] = []
+    for i in np.flatnonzero(true_positive):
+        mask = data.lesion_mask(int(rows[i]))
+        if mask is not None:
+            chosen.append((int(i), mask))
+        if len(chosen) == limit:
+            break
     if not chosen:
         return {"cam-slices": 0, "cam-pointing": math.nan, "cam-energy": math.nan}
-    images = torch.stack([dataset[i][0] for i in chosen])
-    masks = np.stack([data.lesion_mask(int(rows[i])) for i in chosen])  # type: ignore[misc]
+    images = torch.stack([dataset[i][0] for i, _ in chosen])
+    masks = np.stack([mask for _, mask in chosen])
     found = localization(cam_maps(model, images, target_class=positive_class), masks)
     return {
         "cam-slices": found.slices,
