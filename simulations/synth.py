@@ -37,6 +37,8 @@ class HospitalProfile:
     matrix: int
     fov_mm: float
     thickness_mm: float
+    spacing_mm: float  # between exported slices: a sparse sample of the scan, so positive
+    # patients also have slices without a nodule (the label is not the patient)
     slices: int
     noise_hu: float
     blur_mm: float
@@ -52,6 +54,7 @@ PROFILES: tuple[HospitalProfile, ...] = (
         matrix=512,
         fov_mm=380.0,
         thickness_mm=1.5,
+        spacing_mm=8.0,
         slices=6,
         noise_hu=18.0,
         blur_mm=0.6,
@@ -72,6 +75,7 @@ PROFILES: tuple[HospitalProfile, ...] = (
         matrix=384,
         fov_mm=360.0,
         thickness_mm=2.5,
+        spacing_mm=10.0,
         slices=5,
         noise_hu=28.0,
         blur_mm=1.0,
@@ -92,6 +96,7 @@ PROFILES: tuple[HospitalProfile, ...] = (
         matrix=256,
         fov_mm=400.0,
         thickness_mm=5.0,
+        spacing_mm=10.0,
         slices=4,
         noise_hu=40.0,
         blur_mm=1.4,
@@ -212,7 +217,8 @@ def _write_patient(
 ) -> list[tuple[str, str]]:
     t = profile.thickness_mm
     z0 = float(rng.uniform(-180, -120))
-    z_range = (z0, z0 + t * (profile.slices - 1))
+    step = profile.spacing_mm
+    z_range = (z0, z0 + step * (profile.slices - 1))
     anatomy = random_anatomy(
         rng, z_range=z_range, nodules=int(rng.integers(1, 3)) if positive else 0
     )
@@ -223,7 +229,7 @@ def _write_patient(
     half = profile.matrix * pixel_mm / 2
     rows = []
     for k in range(profile.slices):
-        z = z_range[0] + k * t
+        z = z_range[0] + k * step
         image, mask = render_slice(
             anatomy, z=z, matrix=profile.matrix, pixel_mm=pixel_mm, thickness=t
         )
