@@ -31,6 +31,11 @@ from common.models import build_model
 from common.site import load_site
 from common.weights import load_weights
 
+MISSING = {
+    "Grad-CAM gallery": "No held-out slice was predicted positive (score >= 0.5) by the final "
+    "model, so there is no true or false positive to explain.",
+}
+
 
 def _png(fig: Figure) -> str:
     buffer = io.BytesIO()
@@ -203,7 +208,11 @@ def write_report(
         f"CAM energy inside the lesion ({pooled.get('cam-slices', 0)} slices)"
     )
     sections = "".join(
-        f"<h2>{title}</h2><img src='{src}' alt='{title}'>" for title, src in figures if src
+        f"<h2>{title}</h2><img src='{src}' alt='{title}'>"
+        if src
+        else f"<h2>{title}</h2><p>{MISSING[title]}</p>"
+        for title, src in figures
+        if src or title in MISSING
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>FedCT report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
