@@ -5,7 +5,7 @@ AUROC on the pooled validation splits and, with ``--test``, on every slice of a 
 hospitals (different patients, e.g. another synthetic seed). ``--norm batch`` is torchvision's
 stock ResNet-18 (BatchNorm, not usable under DP); ``--norm group`` is FedCT's DP-compatible one.
 
-    python -m simulations.centralized --data synth/ --test synth-test/ [--norm batch]
+    python -m simulations.bench_learnability --data synth/ --test synth-test/ [--norm batch]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=Path(".fedct-cache/centralized"))
+    parser.add_argument("--cache", type=Path, default=Path(".fedct-cache/bench-learnability"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     fed = FederationConfig(image_size=args.image_size)
