@@ -12,8 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
+import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,34 +94,35 @@ def decode_site(
     cache_dir: Path | None,
     *,
     progress: bool = True,
-    decoder: Decoder = lambda path, data: read_ct_file(path, data),
+    decoder: Decoder = read_ct_file,
+    workers: int | None = None,
 ) -> DecodedSite:
-    """Decode ``files`` (relative to ``site``) onto ``grid``, reusing ``cache_dir`` if given."""
+    """Decode ``files`` (relative to ``site``) onto ``grid``, reusing ``cache_dir`` if given.
+
+    Files that must be decoded are spread over ``workers`` processes (default: one per CPU,
+    at most 8) when decoding them is measured to take long enough to repay starting those.
+    """
     folder = cache_dir / grid.key() if cache_dir is not None else None
     old_entries, old_images = _load(folder, grid) if folder is not None else ({}, None)
 
+    reused = {rel: _reuse(site / rel, old_entries.get(rel), old_images) for rel in files}
+    todo = [rel for rel, (entry, _) in reused.items() if entry is None]
+    fresh = _decode_files(site, todo, grid, decoder, folder is not None, progress, workers)
+
     entries: dict[str, FileEntry] = {}
     chunks: list[np.ndarray] = []
-    row = decoded = 0
-    changed = set(old_entries) != set(files)
-    bar = tqdm(
-        files, desc=f"reading {site.name}", unit="file", disable=not progress or None, leave=False
-    )
-    for rel in bar:
-        path = site / rel
-        entry, pixels = _reuse(path, old_entries.get(rel), old_images)
-        if entry is None:
-            entry, pixels = _decode_file(path, grid, decoder, keep=folder is not None)
-            decoded += 1
-            changed = True
-        elif entry is not old_entries.get(rel) or entry.row != row:
+    row = 0
+    changed = bool(todo) or set(old_entries) != set(files)
+    for rel in files:
+        entry, pixels = fresh[rel] if rel in fresh else reused[rel]
+        assert entry is not None
+        if entry is not old_entries.get(rel) or entry.row != row:
             changed = True
         entry.row = row
         entries[rel] = entry
         if pixels is not None and len(pixels):
             chunks.append(pixels)
             row += len(pixels)
-    bar.close()
 
     size = grid.image_size
     if not changed and old_images is not None:
@@ -128,9 +134,56 @@ def decode_site(
         if folder is not None:
             _save(folder, grid, entries, images)
             images = np.load(folder / "images.npy", mmap_mode="r")
-    if decoded:
-        log.debug("decoded %d of %d files of %s", decoded, len(files), site.name)
-    return DecodedSite(entries, images, decoded)
+    if todo:
+        log.debug("decoded %d of %d files of %s", len(todo), len(files), site.name)
+    return DecodedSite(entries, images, len(todo))
+
+
+# A spawned worker costs about half a second before its first file (it imports pydicom, OpenCV
+# and the decoders). Files are decoded here first; the rest goes to a pool only when the time they
+# are measured to need is well above that cost (compressed or large sites, not small ones).
+PROBE_FILES = 16
+WORKER_START_S = 0.6
+
+
+def _decode_files(
+    site: Path,
+    todo: list[str],
+    grid: GridConfig,
+    decoder: Decoder,
+    keep: bool,
+    progress: bool,
+    workers: int | None,
+) -> dict[str, tuple[FileEntry, np.ndarray | None]]:
+    work = partial(_decode_file, grid=grid, decoder=decoder, keep=keep)
+    paths = [site / rel for rel in todo]
+    results: list[tuple[FileEntry, np.ndarray | None]] = []
+    with tqdm(
+        total=len(todo),
+        desc=f"reading {site.name}",
+        unit="file",
+        leave=False,
+        disable=not progress or None,
+    ) as bar:
+        start = time.perf_counter()
+        for path in paths[:PROBE_FILES]:
+            results.append(work(path))
+            bar.update()
+        per_file = (time.perf_counter() - start) / max(1, len(results))
+        rest = paths[len(results) :]
+        n = min(workers or os.cpu_count() or 1, 8, len(rest))
+        # n workers pay off once t > start + t / n; ask for 1.5x that as margin.
+        if n > 1 and per_file * len(rest) > 1.5 * WORKER_START_S * n / (n - 1):
+            # "spawn": a fresh interpreter, safe whatever threads (torch, Ray, gRPC) run here.
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for result in pool.map(work, rest, chunksize=8):
+                    results.append(result)
+                    bar.update()
+        else:
+            for path in rest:
+                results.append(work(path))
+                bar.update()
+    return dict(zip(todo, results, strict=True))
 
 
 def _reuse(
@@ -152,7 +205,7 @@ def _reuse(
 
 
 def _decode_file(
-    path: Path, grid: GridConfig, decoder: Decoder, *, keep: bool
+    path: Path, *, grid: GridConfig, decoder: Decoder, keep: bool
 ) -> tuple[FileEntry, np.ndarray | None]:
     try:
         data = path.read_bytes()

@@ -12,13 +12,16 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from common.dicom_io import HU_AIR
 from common.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where windows are applied: cache-building workers skip it
+    import torch
 
 # Bump when to_model_grid's output changes for the same inputs: it invalidates every site cache.
 GRID_VERSION = 1
@@ -161,6 +164,8 @@ def _overlap(n: int, size: int) -> tuple[slice, slice]:
 
 def apply_windows(hu: torch.Tensor, windows: Sequence[Window]) -> torch.Tensor:
     """Map HU (``(..., 1, H, W)`` or ``(..., H, W)``) to one [0, 1] channel per window."""
+    import torch
+
     if hu.dim() >= 3 and hu.shape[-3] == 1:
         hu = hu.squeeze(-3)
     lows = torch.tensor([w.center - w.width / 2 for w in windows], dtype=torch.float32)

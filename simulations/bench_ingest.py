@@ -1,7 +1,8 @@
 """Ingestion benchmark: slices/second for (a) raw ``pydicom.dcmread(...).pixel_array``, (b) FedCT's
 full preprocessing (decode, HU, padding, resample to the model grid), (c) loading from FedCT's
 frame cache, on the same files in one run. Rounds alternate a, b, c so machine noise hits all
-three alike; the median round is reported.
+three alike; the median round is reported. FedCT's preprocessing is timed as it runs (one worker
+process per CPU once a site has enough files to repay starting them) and in one process.
 
     python -m simulations.bench_ingest [--data SITE] [--image-size 128] [--rounds 5] [--json F]
 
@@ -48,24 +49,30 @@ def bench_site(site: Path, grid: GridConfig, rounds: int, cache: Path) -> dict[s
     def full() -> int:
         return len(decode_site(site, rel, grid, None, progress=False).images)
 
+    def serial() -> int:
+        return len(decode_site(site, rel, grid, None, progress=False, workers=1).images)
+
     decode_site(site, rel, grid, cache, progress=False)  # warm the cache
 
     def cached() -> int:
         images = decode_site(site, rel, grid, cache, progress=False).images
         return len(np.array(images, dtype=np.float32))  # really read every row
 
-    results: dict[str, list[float]] = {"raw": [], "full": [], "cache": []}
+    results: dict[str, list[float]] = {"raw": [], "full": [], "serial": [], "cache": []}
     for _ in range(rounds):
         results["raw"].append(_time(raw))
         results["full"].append(_time(full))
+        results["serial"].append(_time(serial))
         results["cache"].append(_time(cached))
     med = {k: statistics.median(v) for k, v in results.items()}
     return {
         "slices": len(files),
         "raw_slices_per_s": round(med["raw"], 1),
         "fedct_slices_per_s": round(med["full"], 1),
+        "fedct_one_process_slices_per_s": round(med["serial"], 1),
         "cache_slices_per_s": round(med["cache"], 1),
         "fedct_vs_raw": round(med["full"] / med["raw"], 2),
+        "fedct_one_process_vs_raw": round(med["serial"] / med["raw"], 2),
         "cache_vs_raw": round(med["cache"] / med["raw"], 1),
     }
 
@@ -99,14 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             row = bench_site(site, grid, args.rounds, Path(tmp) / "cache" / site.name)
             table[f"{site.name} ({ts.name})"] = row
     print(
-        f"{'site':<58} {'slices':>6} {'raw/s':>8} {'fedct/s':>8} {'cache/s':>9} "
-        f"{'fedct/raw':>9} {'cache/raw':>9}"
+        f"{'site':<58} {'slices':>6} {'raw/s':>8} {'fedct/s':>8} {'1proc/s':>8} {'cache/s':>9} "
+        f"{'fedct/raw':>9} {'1proc/raw':>9} {'cache/raw':>9}"
     )
     for name, r in table.items():
         print(
             f"{name:<58} {r['slices']:>6} {r['raw_slices_per_s']:>8} "
-            f"{r['fedct_slices_per_s']:>8} {r['cache_slices_per_s']:>9} "
-            f"{r['fedct_vs_raw']:>9} {r['cache_vs_raw']:>9}"
+            f"{r['fedct_slices_per_s']:>8} {r['fedct_one_process_slices_per_s']:>8} "
+            f"{r['cache_slices_per_s']:>9} {r['fedct_vs_raw']:>9} "
+            f"{r['fedct_one_process_vs_raw']:>9} {r['cache_vs_raw']:>9}"
         )
     if args.json:
         args.json.write_text(json.dumps(table, indent=2) + "\n")
