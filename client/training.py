@@ -76,13 +76,16 @@ class EvalResult:
     targets: np.ndarray  # (N,)
 
 
-def sample_rate(num_examples: int, batch_size: int) -> float:
-    return min(1.0, batch_size / max(num_examples, 1))
-
-
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Steps of one epoch (Opacus' Poisson loader runs ``int(1 / sample_rate)`` batches)."""
-    return max(1, int(1 / sample_rate(num_examples, batch_size)))
+    """Steps of one epoch: as many as the plain loader has batches (Opacus' DPDataLoader keeps
+    that number of Poisson-sampled batches)."""
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """The Poisson sampling rate exactly as ``DPDataLoader.from_data_loader`` sets it
+    (``1 / len(loader)``), so calibration, ledger and training agree on q and the steps."""
+    return 1.0 / steps_per_epoch(num_examples, batch_size)
 
 
 def train_local(
@@ -135,7 +138,10 @@ def train_local(
                 leave=False,
             )
             for images, targets in bar:
-                if len(targets) == 0:  # Poisson sampling can draw an empty batch
+                if len(targets) == 0:
+                    # Poisson sampling drew nobody (probability below e^(-batch/2)): no update,
+                    # but the step is still charged, as the accountant assumes every step ran.
+                    steps += 1
                     continue
                 images, targets = images.to(device), targets.to(device)
                 opt.zero_grad(set_to_none=True)

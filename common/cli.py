@@ -54,6 +54,21 @@ COMMANDS: tuple[Command, ...] = (
         "Print a site's privacy ledger and the budget it has left.",
     ),
     Command(
+        ("certs",),
+        "server.certs_cli",
+        "Create the federation's CA, the server certificate and each hospital's key pair.",
+    ),
+    Command(
+        ("server",),
+        "server.server_cli",
+        "Run the aggregation server (Flower SuperLink with TLS) and the FedCT run on it.",
+    ),
+    Command(
+        ("client",),
+        "client.client_cli",
+        "Join a federation from a hospital: check its data, then start a Flower SuperNode.",
+    ),
+    Command(
         ("simulate",),
         "simulations.simulate_cli",
         "Simulate a multi-hospital federation on this machine and write a report.",

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``target``."""
+def atomic_write(target: Path, write: Callable[[Path], object], *, mode: int = 0o600) -> None:
+    """Call ``write(tmp_path)`` and move the result onto ``target`` (permissions ``mode``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
@@ -18,11 +18,12 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
         write(Path(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(target: Path, text: str) -> None:
-    atomic_write(target, lambda tmp: tmp.write_text(text))
+def atomic_write_text(target: Path, text: str, *, mode: int = 0o600) -> None:
+    atomic_write(target, lambda tmp: tmp.write_text(text), mode=mode)

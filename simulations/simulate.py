@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.config import FederationConfig, app_defaults
 from common.errors import FedCTError
+from common.processes import sigterm_raises, start, stop_group
 from server.checkpoints import read_metrics
+from server.progress import follow_rounds
 from simulations.synth import SynthSettings, write_hospitals
 
 log = logging.getLogger(__name__)
@@ -99,103 +96,18 @@ def run_federation(
     ]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     done_before = len(read_metrics(paths.metrics))
-    with paths.log.open("a") as log_file:
-        child = subprocess.Popen(
-            args,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-        # SIGTERM (a CI time limit, a service manager) must also stop the group: turn it into
-        # an exception so the ``finally`` below runs.
-        previous = signal.signal(signal.SIGTERM, _raise_exit)
+    with paths.log.open("a") as log_file, sigterm_raises():
+        child = start(args, log=log_file, env=env, cwd=Path(__file__).resolve().parent.parent)
         try:
-            _follow(child, paths, rounds, done_before, console)
+            follow_rounds(
+                paths.metrics, rounds, console, lambda: child.poll() is not None, done_before
+            )
         finally:
-            _stop_group(child)
-            signal.signal(signal.SIGTERM, previous)
+            stop_group(child)
     if child.returncode != 0:
         raise SimulationError(
             f"the federation stopped with exit code {child.returncode}; see {paths.log}"
         )
-
-
-def _follow(
-    child: subprocess.Popen[bytes],
-    paths: SimulationPaths,
-    rounds: int,
-    done_before: int,
-    console: Console,
-) -> None:
-    columns = (
-        TextColumn("[bold]federated rounds"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
-    shown = done_before
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("", total=rounds, completed=min(done_before, rounds))
-        while True:
-            finished = child.poll() is not None
-            history = read_metrics(paths.metrics)
-            for record in history[shown:]:
-                progress.console.print(round_line(record), highlight=False)
-                progress.update(
-                    task,
-                    completed=min(int(record["round"]), rounds),
-                    description=f"pooled AUROC {_fmt(record, 'auroc')}",
-                )
-            shown = len(history)
-            if finished:
-                return
-            time.sleep(1.0)
-
-
-def round_line(record: dict[str, Any]) -> str:
-    """One line per round: pooled AUROC, then each site's loss, AUROC and ε."""
-    parts = [f"round {record['round']:>3}  pooled AUROC {_fmt(record, 'auroc')}"]
-    for site, m in sorted(record.get("train", {}).items()):
-        ev = record.get("evaluate", {}).get(site, {})
-        eps = m.get("epsilon", math.nan)
-        parts.append(
-            f"{site}: loss {m.get('train-loss', math.nan):.3f} "
-            f"AUROC {ev.get('auroc', math.nan):.3f} ε {eps:.2f}"
-        )
-    for site, why in sorted(record.get("excluded", {}).items()):
-        parts.append(f"{site}: EXCLUDED ({why})")
-    for site, why in sorted(record.get("failed", {}).items()):
-        parts.append(f"{site}: FAILED ({why})")
-    for site in record.get("exhausted", []):
-        parts.append(f"{site}: privacy budget exhausted")
-    return "  |  ".join(parts)
-
-
-def _fmt(record: dict[str, Any], key: str) -> str:
-    value = record.get("pooled", {}).get(key)
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
-
-
-def _raise_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _stop_group(child: subprocess.Popen[bytes]) -> None:
-    """Stop the child's whole process group (the federation and its Ray workers)."""
-    for sig, wait in ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            child.wait(timeout=wait)
-            # the leader is gone; give the rest of the group a moment, then check again
-            time.sleep(0.2)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:

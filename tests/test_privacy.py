@@ -129,6 +129,27 @@ def test_zero_noise_update_respects_clipping_bound(noise: float | None) -> None:
         assert 0 < change <= clip * (1 + 1e-5)
 
 
+@pytest.mark.parametrize(("n", "batch", "physical"), [(40, 32, 16), (500, 32, 8), (7, 32, 32)])
+def test_accounted_steps_and_rate_are_those_opacus_trains_with(
+    n: int, batch: int, physical: int
+) -> None:
+    """The ledger calibrates and charges with sample_rate/steps_per_epoch: they must be what
+    Opacus' Poisson loader really does, virtual (memory-split) steps not counted twice."""
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader
+
+    from client.training import sample_rate, steps_per_epoch
+
+    data = TensorDataset(torch.randn(n, 1, 4, 4), torch.randint(0, 2, (n,)))
+    dp_loader = DPDataLoader.from_data_loader(DataLoader(data, batch_size=batch))
+    assert sample_rate(n, batch) == pytest.approx(dp_loader.sample_rate)
+    assert steps_per_epoch(n, batch) == len(dp_loader)
+    cfg = TrainConfig(epochs=2, batch_size=batch, physical_batch_size=physical)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    result = train_local(model, data, cfg, noise_multiplier=1.0, seed=0)
+    assert result.steps == 2 * steps_per_epoch(n, batch)
+
+
 def test_privacy_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from common.cli import main
 

@@ -1,0 +1,117 @@
+"""``fedct client``: a hospital's Flower SuperNode, started only on a usable data folder.
+
+The hospital's own settings (site name, data folder, state folder, privacy budget) go into the
+SuperNode's node config, which the server can neither read nor change. Flower is started as its
+own executable (``flower-supernode``), so this module does not import Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.privacy import MARKER_FILE, read_entries
+from client.rounds import open_site
+from common.config import FederationConfig, SiteConfig, app_defaults
+from common.flower_tools import executable, flower_environment, write_toml
+from common.processes import sigterm_raises, start, stop_group
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    site: SiteConfig
+    superlink: str  # HOST:PORT
+    ca_cert: Path | None  # None with key None: --insecure
+    auth_key: Path | None
+    runtime_port: int = 9094  # this SuperNode's local port for its ClientApp processes
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.site.state_dir)
+
+
+def check_site(settings: NodeSettings) -> str:
+    """Refuse (with the reason) a data folder or ledger the site could not train with.
+
+    Returns a one-line summary (counts only) of what the site will train on. Reading the
+    folder also fills the site's frame cache, so the first round starts faster.
+    """
+    fed = FederationConfig.from_mapping(app_defaults())
+    data = open_site(settings.site, fed)  # raises SiteDataError with the reason
+    if (settings.state_dir / MARKER_FILE).exists():
+        entries = read_entries(settings.state_dir)  # raises LedgerError if damaged or missing
+        spent = entries[-1].epsilon if entries else 0.0
+        budget = f", privacy budget spent so far ε {spent:.2f} of {settings.site.epsilon:g}"
+    else:
+        budget = f", privacy budget ε {settings.site.epsilon:g}" if settings.site.dp else ""
+    train = data.counts().get("train", {})
+    counts = ", ".join(f"{label} {n}" for label, n in train.items())
+    skipped = len(data.skipped)
+    return f"{len(data.slices)} usable slices (train: {counts}), {skipped} skipped{budget}"
+
+
+def supernode_args(settings: NodeSettings) -> list[str]:
+    node_config = write_toml(
+        settings.state_dir / "node-config.toml",
+        {
+            "site-name": settings.site.site_name,
+            "data-dir": str(Path(settings.site.data_dir).resolve()),
+            "state-dir": str(settings.state_dir.resolve()),
+            "epsilon": float(settings.site.epsilon),
+            "delta": float(settings.site.delta),
+            "dp": settings.site.dp,
+        },
+    )
+    args = [
+        executable("flower-supernode"),
+        "--superlink",
+        settings.superlink,
+        "--node-config",
+        str(node_config),
+        "--port",
+        str(settings.runtime_port),
+    ]
+    if settings.ca_cert is None or settings.auth_key is None:
+        return [*args, "--insecure"]
+    return [
+        *args,
+        "--root-certificates",
+        str(settings.ca_cert.resolve()),
+        "--auth-supernode-private-key",
+        str(settings.auth_key.resolve()),
+    ]
+
+
+# flower-supernode's exit code when it cannot reach or activate at the SuperLink (server not up
+# yet, this hospital's key not registered yet, network down): worth trying again.
+EXIT_NO_SUPERLINK = 305
+
+
+def run_node(settings: NodeSettings, *, retry_wait_s: float = 15.0) -> int:
+    """Run the SuperNode in the foreground until it exits, Ctrl-C or SIGTERM; its exit code.
+
+    While the SuperLink cannot be reached (or has not registered this hospital yet) the
+    SuperNode is started again every ``retry_wait_s`` seconds, so hospitals may start first.
+    """
+    with sigterm_raises():
+        while True:
+            child = start(supernode_args(settings), env=flower_environment())
+            try:
+                code = child.wait()
+            except KeyboardInterrupt:
+                return 130
+            finally:
+                stop_group(child)
+            if code != EXIT_NO_SUPERLINK:
+                return code
+            log.warning(
+                "cannot connect to %s (server down, or this hospital's key not registered "
+                "yet); trying again in %.0f s",
+                settings.superlink,
+                retry_wait_s,
+            )
+            time.sleep(retry_wait_s)

@@ -1,0 +1,44 @@
+"""Running Flower's own executables (``flower-superlink``, ``flower-supernode``, ``flwr``) from
+FedCT's entry points, without importing Flower, and the flat TOML files they read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.errors import FedCTError
+
+
+def executable(name: str) -> str:
+    """A Flower executable from this environment (beside this Python), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FedCTError(f"'{name}' is not installed; install FedCT with its dependencies")
+    return found
+
+
+def flower_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a Flower executable: telemetry off, plus ``extra``."""
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **extra}
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def write_toml(path: Path, values: dict[str, Any]) -> Path:
+    """A flat TOML file of ``values`` (Flower takes run and node configs as such files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in values.items()))
+    return path

@@ -1,0 +1,227 @@
+"""``fedct server``: a Flower SuperLink (TLS, SuperNode authentication, persistent state) and
+the FedCT run on it, followed round by round.
+
+Everything goes through Flower's own executables (``flower-superlink`` and the ``flwr`` CLI),
+so this module does not import Flower. The server's state folder holds:
+
+    superlink.db        the SuperLink's database (registered hospitals, runs)
+    superlink.log       its log, and the ServerApp's
+    flwr-home/          the ``flwr`` CLI's configuration: how to reach this SuperLink
+    run/                the run's output: checkpoints/, metrics.jsonl, final_model.safetensors
+
+Started again with the same state folder, the run resumes after its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from common.config import PROJECT_ROOT, FederationConfig, app_defaults
+from common.errors import FedCTError
+from common.flower_tools import executable, flower_environment, write_toml
+from common.processes import sigterm_raises, start, stop_group, wait_for_port
+from server.certs import CertPaths
+from server.checkpoints import read_metrics
+from server.progress import follow_rounds
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "fedct"  # the name of this SuperLink in flwr-home/config.toml
+
+
+class DeploymentError(FedCTError):
+    """The SuperLink or the run failed; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    state_dir: Path
+    certs: CertPaths | None  # None: --insecure
+    host: str = "0.0.0.0"
+    port: int = 8000
+    run_config: dict[str, Any] = field(default_factory=dict)  # [tool.flwr.app.config] overrides
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr-home"
+
+    @property
+    def local_address(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = "[::1]" if host == "::" else host
+        return f"{host}:{self.port}"
+
+
+def flower_env(settings: ServerSettings | None = None) -> dict[str, str]:
+    """Flower's environment: no telemetry, and this server's ``flwr`` CLI configuration."""
+    extra = {"FLWR_HOME": str(settings.flwr_home)} if settings is not None else {}
+    return flower_environment(**extra)
+
+
+def superlink_args(settings: ServerSettings) -> list[str]:
+    args = [
+        executable("flower-superlink"),
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--database",
+        str(settings.state_dir / "superlink.db"),
+        # hospitals and this server run a preinstalled FedCT: nothing is installed per run
+        "--disable-runtime-dependency-installation",
+    ]
+    if settings.certs is None:
+        return [*args, "--insecure"]
+    c = settings.certs
+    return [
+        *args,
+        "--ssl-ca-certfile",
+        str(c.ca_cert),
+        "--ssl-certfile",
+        str(c.server_cert),
+        "--ssl-keyfile",
+        str(c.server_key),
+        "--enable-supernode-auth",
+    ]
+
+
+def write_flower_config(settings: ServerSettings) -> Path:
+    """The ``flwr`` CLI's config file naming this SuperLink (how the run is submitted)."""
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "{settings.local_address}"',
+    ]
+    if settings.certs is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {json.dumps(str(settings.certs.ca_cert.resolve()))}")
+    settings.flwr_home.mkdir(parents=True, exist_ok=True)
+    path = settings.flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def flwr(settings: ServerSettings, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json`` against this SuperLink; its JSON answer."""
+    cmd = [executable("flwr"), *args, "--format", "json"]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env=flower_env(settings), timeout=timeout
+    )
+    try:
+        answer: dict[str, Any] = json.loads(done.stdout[done.stdout.index("{") :])
+    except ValueError:
+        answer = {"success": False, "error-message": (done.stderr or done.stdout).strip()}
+    if not answer.get("success", done.returncode == 0):
+        answer.setdefault("error-message", (done.stderr or done.stdout).strip())
+    return answer
+
+
+def register_hospitals(settings: ServerSettings) -> list[str]:
+    """Register every hospital public key in the certs folder; returns the names registered now.
+
+    A key registered before (the database persists) is left as it is.
+    """
+    if settings.certs is None:
+        return []
+    registered = []
+    for name in settings.certs.hospitals():
+        key = settings.certs.hospital_public_key(name)
+        answer = flwr(settings, "supernode", "register", str(key), CONNECTION, "--name", name)
+        if answer.get("success"):
+            registered.append(name)
+        elif "already in use" not in str(answer.get("error-message", "")):
+            raise DeploymentError(f"could not register hospital {name}: {answer}")
+    return registered
+
+
+def submit_run(settings: ServerSettings) -> str:
+    config = {**settings.run_config, "output-dir": str(settings.run_dir.resolve())}
+    overrides = write_toml(settings.state_dir / "run-config.toml", config)
+    answer = flwr(settings, "run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(overrides))
+    if not answer.get("success") or "run-id" not in answer:
+        raise DeploymentError(f"the SuperLink did not accept the FedCT run: {answer}")
+    return str(answer["run-id"])
+
+
+def run_status(settings: ServerSettings, run_id: str) -> dict[str, Any]:
+    answer = flwr(settings, "ls", CONNECTION, "--run-id", run_id)
+    runs = answer.get("runs") or [{}]
+    return dict(runs[0])
+
+
+def serve(settings: ServerSettings, console: Console, *, keep_running: bool = False) -> str:
+    """Start the SuperLink, submit the FedCT run, show its rounds; returns the final status.
+
+    The SuperLink is stopped when the run ends (unless ``keep_running``), on error and on
+    Ctrl-C/SIGTERM.
+    """
+    fed = FederationConfig.from_mapping({**app_defaults(), **settings.run_config})
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    if settings.certs is not None:
+        settings.certs.require_server_files()
+    log_path = settings.state_dir / "superlink.log"
+    with log_path.open("ab") as log_file, sigterm_raises():
+        child = start(superlink_args(settings), log=log_file, env=flower_env(settings))
+        try:
+            host, port = settings.local_address.rsplit(":", 1)
+            wait_for_port(host.strip("[]"), int(port), child, timeout=60.0, what="flower-superlink")
+            write_flower_config(settings)
+            for name in register_hospitals(settings):
+                console.print(f"registered hospital [bold]{name}[/bold]")
+            run_id = submit_run(settings)
+            console.print(
+                f"FedCT run {run_id} started on {settings.local_address} "
+                f"({fed.num_server_rounds} rounds); output in {settings.run_dir}"
+            )
+            status = _follow(settings, run_id, fed, console, child)
+            if keep_running and status.endswith("completed"):
+                console.print("run finished; the SuperLink keeps running (Ctrl-C stops it)")
+                child.wait()
+            return status
+        finally:
+            stop_group(child)
+
+
+def _follow(
+    settings: ServerSettings,
+    run_id: str,
+    fed: FederationConfig,
+    console: Console,
+    superlink: subprocess.Popen[bytes],
+) -> str:
+    state = {"status": "", "checked": 0.0}
+
+    def finished() -> bool:
+        if superlink.poll() is not None:
+            raise DeploymentError(
+                f"flower-superlink exited with code {superlink.returncode}; see "
+                f"{settings.state_dir / 'superlink.log'}"
+            )
+        if time.monotonic() - state["checked"] >= 5.0:  # type: ignore[operator]
+            state["status"] = str(run_status(settings, run_id).get("status", ""))
+            state["checked"] = time.monotonic()
+        return str(state["status"]).startswith("finished")
+
+    metrics = settings.run_dir / "metrics.jsonl"
+    follow_rounds(metrics, fed.num_server_rounds, console, finished, len(read_metrics(metrics)))
+    status = str(state["status"])
+    if status != "finished:completed":
+        raise DeploymentError(
+            f"the FedCT run ended as '{status}'; see {settings.state_dir / 'superlink.log'}"
+        )
+    return status
