@@ -39,6 +39,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=9094,
         help="local port for this SuperNode's app processes (default 9094; one per SuperNode)",
     )
+    parser.add_argument(
+        "--retry-wait",
+        type=float,
+        default=15.0,
+        help="seconds between tries while the server cannot be reached (default 15)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -73,4 +79,4 @@ def run(args: argparse.Namespace) -> int:
     log.info("checking %s before joining ...", args.data)
     log.info("site %s: %s", args.site, check_site(settings))
     log.info("connecting to %s", args.superlink)
-    return run_node(settings)
+    return run_node(settings, retry_wait_s=args.retry_wait)

@@ -8,6 +8,9 @@ own executable (``flower-supernode``), so this module does not import Flower.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +89,10 @@ def supernode_args(settings: NodeSettings) -> list[str]:
     ]
 
 
-# flower-supernode's exit code when it cannot reach or activate at the SuperLink (server not up
-# yet, this hospital's key not registered yet, network down): worth trying again.
-EXIT_NO_SUPERLINK = 305
+# flower-supernode exits with status 1 on any error and prints its own code; this one means it
+# could not reach or activate at the SuperLink (server not up yet, this hospital's key not
+# registered yet, network down): worth trying again.
+NO_SUPERLINK = b"Exit Code: 305"
 
 
 def run_node(settings: NodeSettings, *, retry_wait_s: float = 15.0) -> int:
@@ -99,14 +103,21 @@ def run_node(settings: NodeSettings, *, retry_wait_s: float = 15.0) -> int:
     """
     with sigterm_raises():
         while True:
-            child = start(supernode_args(settings), env=flower_environment())
+            child = start(supernode_args(settings), log=subprocess.PIPE, env=flower_environment())
+            seen: list[bool] = []
+            # a thread: the SuperNode's own children (SuperExec) may hold the pipe open after
+            # it exits, until stop_group ends them
+            relay = threading.Thread(target=_relay_output, args=(child, seen), daemon=True)
+            relay.start()
             try:
                 code = child.wait()
             except KeyboardInterrupt:
                 return 130
             finally:
                 stop_group(child)
-            if code != EXIT_NO_SUPERLINK:
+                relay.join(timeout=5.0)
+            unreachable = any(seen)
+            if code == 0 or not unreachable:
                 return code
             log.warning(
                 "cannot connect to %s (server down, or this hospital's key not registered "
@@ -115,3 +126,13 @@ def run_node(settings: NodeSettings, *, retry_wait_s: float = 15.0) -> int:
                 retry_wait_s,
             )
             time.sleep(retry_wait_s)
+
+
+def _relay_output(child: subprocess.Popen[bytes], seen: list[bool]) -> None:
+    """Copy the SuperNode's output to ours; note whether it could not reach the SuperLink."""
+    assert child.stdout is not None
+    for line in child.stdout:
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+        if NO_SUPERLINK in line:
+            seen.append(True)

@@ -25,7 +25,7 @@ class ChildExitedError(RuntimeError):
 def start(
     args: Sequence[str],
     *,
-    log: IO[Any] | None = None,
+    log: IO[Any] | int | None = None,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:

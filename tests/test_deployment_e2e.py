@@ -1,0 +1,198 @@
+"""FedCT on Flower's real deployment engine, on loopback: `fedct server` (a flower-superlink
+with TLS, SuperNode authentication and a database) and one `fedct client` (a flower-supernode)
+per hospital, each a separate process group that the test always stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.privacy import read_entries
+from common.processes import start, stop_group
+from server.certs import create
+from tests.conftest import write_tiny_site
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+SITES = ("alpha", "beta")
+RUN_SETTINGS = [
+    "--set",
+    "image-size=32",
+    "--set",
+    "min-eval-cases=1",
+    "--set",
+    "batch-size=8",
+    "--set",
+    "planned-rounds=2",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Federation:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.certs = root / "certs"
+        self.state = root / "server"
+        self.port = _free_port()
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.clients: dict[str, subprocess.Popen[bytes]] = {}
+        self.runtime_ports = {name: _free_port() for name in SITES}
+        create(self.certs, list(SITES), [])
+        for i, name in enumerate(SITES):
+            write_tiny_site(root / "data" / name, index=i, seed=i, patients=8, matrix=48)
+
+    def _fedct(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{log_name}.log").open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child = start([sys.executable, "-m", "common.cli", *args], log=log, env=env)
+        self.children.append(child)
+        return child
+
+    def server(self, *extra: str) -> subprocess.Popen[bytes]:
+        args = ["server", "--state", str(self.state), "--certs", str(self.certs)]
+        args += ["--host", "127.0.0.1", "--port", str(self.port), *RUN_SETTINGS, *extra]
+        return self._fedct(args, "server")
+
+    def client(self, name: str) -> subprocess.Popen[bytes]:
+        child = self._fedct(
+            [
+                "client",
+                "--site",
+                name,
+                "--data",
+                str(self.root / "data" / name),
+                "--state",
+                str(self.site_state(name)),
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--ca",
+                str(self.certs / "ca.crt"),
+                "--key",
+                str(self.certs / "hospitals" / f"{name}.key"),
+                "--runtime-port",
+                str(self.runtime_ports[name]),
+                "--retry-wait",
+                "2",
+            ],
+            f"client-{name}",
+        )
+        self.clients[name] = child
+        return child
+
+    def site_state(self, name: str) -> Path:
+        return self.root / "sites" / name
+
+    def metrics(self) -> list[dict[str, object]]:
+        path = self.state / "run" / "metrics.jsonl"
+        return [json.loads(line) for line in path.open()] if path.exists() else []
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in self.root.glob("*.log"))
+
+    def wait(self, child: subprocess.Popen[bytes], timeout: float) -> int:
+        try:
+            return child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"timed out after {timeout:.0f} s\n{self.logs()}")
+
+    def stop(self) -> None:
+        for child in self.children:
+            stop_group(child)
+
+
+def _groups_alive(pgids: set[int]) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pgid=,stat=,args="], capture_output=True, text=True)
+    alive = []
+    for line in out.stdout.splitlines():
+        pgid, stat, *_ = line.split(None, 2)
+        if int(pgid) in pgids and not stat.startswith("Z"):
+            alive.append(line)
+    return alive
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    fed = Federation(tmp_path)
+    try:
+        yield fed
+    finally:
+        fed.stop()
+        left = _groups_alive({c.pid for c in fed.children})
+        assert not left, f"processes left running: {left}"
+
+
+def test_tls_authenticated_federation_runs_and_resumes_after_restart(
+    federation: Federation,
+) -> None:
+    server = federation.server("--rounds", "1")
+    for name in SITES:
+        federation.client(name)
+    assert federation.wait(server, 400) == 0, federation.logs()
+    assert [r["round"] for r in federation.metrics()] == [1]
+    assert set(federation.metrics()[0]["train"]) == set(SITES)  # type: ignore[arg-type]
+    checkpoints = federation.state / "run" / "checkpoints"
+    assert (checkpoints / "round-0001.safetensors").is_file()
+    for name in SITES:
+        assert [e.round for e in read_entries(federation.site_state(name))] == [1]
+
+    # The server stops and starts again on the same state folder: it resumes at round 2, and
+    # the hospitals' SuperNodes (still running) reconnect on their own.
+    server = federation.server("--rounds", "2")
+    assert federation.wait(server, 400) == 0, federation.logs()
+    history = federation.metrics()
+    assert [r["round"] for r in history] == [1, 2]
+    assert set(history[1]["train"]) == set(SITES)  # type: ignore[arg-type]
+    assert (checkpoints / "round-0002.safetensors").is_file()
+    assert (federation.state / "run" / "final_model.safetensors").is_file()
+    for name in SITES:
+        entries = read_entries(federation.site_state(name))
+        assert [e.round for e in entries] == [1, 2]
+        assert entries[-1].epsilon <= 8.0
+    assert all(c.poll() is None for c in federation.clients.values())
+
+
+def _clientapp_running(group: int) -> bool:
+    out = subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True, text=True).stdout
+    return any(
+        int(line.split(None, 1)[0]) == group and "flwr-clientapp" in line
+        for line in out.splitlines()
+    )
+
+
+def test_a_hospital_that_drops_out_mid_round_does_not_stop_the_federation(
+    federation: Federation,
+) -> None:
+    server = federation.server(
+        "--rounds", "2", "--set", "min-sites=1", "--set", "round-timeout=60.0"
+    )
+    for name in SITES:
+        federation.client(name)
+    beta = federation.clients["beta"]
+    deadline = time.monotonic() + 300
+    while not _clientapp_running(beta.pid):  # beta is working on round 1
+        assert time.monotonic() < deadline, federation.logs()
+        assert server.poll() is None, federation.logs()
+        time.sleep(0.5)
+    os.killpg(beta.pid, signal.SIGKILL)  # the hospital's machine goes away mid-round
+    beta.wait()
+    federation.client("beta")  # ... and comes back
+    assert federation.wait(server, 500) == 0, federation.logs()
+    history = federation.metrics()
+    assert [r["round"] for r in history] == [1, 2]
+    assert set(history[0]["train"]) == {"alpha"}  # type: ignore[arg-type]
+    assert set(history[1]["train"]) == set(SITES)  # type: ignore[arg-type]
+    assert (federation.state / "run" / "final_model.safetensors").is_file()
