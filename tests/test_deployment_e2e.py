@@ -114,6 +114,23 @@ class Federation:
             stop_group(child)
 
 
+def _process_groups_under(pids: set[int]) -> set[int]:
+    """The process groups of ``pids`` and of all their descendants (a `fedct client` runs its
+    SuperNode in a group of its own)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid="], capture_output=True, text=True)
+    rows = [tuple(int(v) for v in line.split()) for line in out.stdout.splitlines()]
+    found, groups = set(pids), set(pids)
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid, pgid in rows:
+            if ppid in found and pid not in found:
+                found.add(pid)
+                groups.add(pgid)
+                grew = True
+    return groups
+
+
 def _groups_alive(pgids: set[int]) -> list[str]:
     out = subprocess.run(["ps", "-eo", "pgid=,stat=,args="], capture_output=True, text=True)
     alive = []
@@ -130,8 +147,9 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
     try:
         yield fed
     finally:
+        groups = _process_groups_under({c.pid for c in fed.children})
         fed.stop()
-        left = _groups_alive({c.pid for c in fed.children})
+        left = _groups_alive(groups)
         assert not left, f"processes left running: {left}"
 
 
@@ -165,10 +183,10 @@ def test_tls_authenticated_federation_runs_and_resumes_after_restart(
     assert all(c.poll() is None for c in federation.clients.values())
 
 
-def _clientapp_running(group: int) -> bool:
+def _clientapp_running(groups: set[int]) -> bool:
     out = subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True, text=True).stdout
     return any(
-        int(line.split(None, 1)[0]) == group and "flwr-clientapp" in line
+        int(line.split(None, 1)[0]) in groups and "flwr-clientapp" in line
         for line in out.splitlines()
     )
 
@@ -183,11 +201,12 @@ def test_a_hospital_that_drops_out_mid_round_does_not_stop_the_federation(
         federation.client(name)
     beta = federation.clients["beta"]
     deadline = time.monotonic() + 300
-    while not _clientapp_running(beta.pid):  # beta is working on round 1
-        assert time.monotonic() < deadline, federation.logs()
+    while not _clientapp_running(groups := _process_groups_under({beta.pid})):
+        assert time.monotonic() < deadline, federation.logs()  # beta works on round 1 ...
         assert server.poll() is None, federation.logs()
-        time.sleep(0.5)
-    os.killpg(beta.pid, signal.SIGKILL)  # the hospital's machine goes away mid-round
+        time.sleep(0.2)
+    for group in groups:  # ... when the hospital's machine goes away
+        os.killpg(group, signal.SIGKILL)
     beta.wait()
     federation.client("beta")  # ... and comes back
     assert federation.wait(server, 500) == 0, federation.logs()
