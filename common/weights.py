@@ -48,10 +48,15 @@ def weight_problem(
             return f"{key} has shape {value.shape}, expected {ref.shape}"
         if value.dtype.kind != "f":
             return f"{key} has dtype {value.dtype}, expected floating point"
-        if not np.isfinite(value).all():
-            return f"{key} has non-finite values"
-        if max_distance is not None:
-            squared += float(np.sum((value.astype(np.float64) - ref) ** 2))
+        # One pass for both checks: a NaN or infinity anywhere makes the squared distance
+        # non-finite (the reference is finite); only then is the exact reason looked for.
+        diff = (value - ref).ravel()
+        key_squared = float(np.dot(diff, diff))
+        if not np.isfinite(key_squared):
+            if not np.isfinite(value).all():
+                return f"{key} has non-finite values"
+            key_squared = float(np.sum(np.square(diff, dtype=np.float64)))
+        squared += key_squared
     if max_distance is not None and squared > max_distance**2:
         return f"update norm {np.sqrt(squared):.3g} exceeds the limit {max_distance:g}"
     return None

@@ -189,12 +189,23 @@ def serve(settings: ServerSettings, console: Console, *, keep_running: bool = Fa
                 f"({fed.num_server_rounds} rounds); output in {settings.run_dir}"
             )
             status = _follow(settings, run_id, fed, console, child)
+            _save_run_record(settings, run_status(settings, run_id))
             if keep_running and status.endswith("completed"):
                 console.print("run finished; the SuperLink keeps running (Ctrl-C stops it)")
                 child.wait()
             return status
         finally:
             stop_group(child)
+
+
+def _save_run_record(settings: ServerSettings, status: dict[str, Any]) -> None:
+    """What the SuperLink says of the run (status, bytes on the wire, compute time), appended
+    to ``run/runs.jsonl``: one line per `fedct server` run on this state folder."""
+    keep = ("run-id", "status", "pending-at", "finished-at", "network-traffic", "compute-time")
+    record = {k: status[k] for k in keep if k in status}
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.run_dir / "runs.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def _follow(

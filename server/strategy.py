@@ -100,6 +100,9 @@ class FedCTMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         actual = server_round + self.offset
+        # wall time from sending the model to having every reply: local training plus the
+        # federation's overhead (process start, serialization, transfer), before aggregation
+        self.round_log["train-phase-seconds"] = round(time.time() - self.round_start, 3)
         usable: list[Message] = []
         for msg in replies:
             if msg.has_error():

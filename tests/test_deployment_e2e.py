@@ -4,12 +4,9 @@ per hospital, each a separate process group that the test always stops."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from client.privacy import read_entries
-from common.processes import start, stop_group
-from server.certs import create
+from simulations.loopback import LoopbackFederation
 from tests.conftest import write_tiny_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -36,82 +32,21 @@ RUN_SETTINGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Federation:
+class Federation(LoopbackFederation):
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.certs = root / "certs"
-        self.state = root / "server"
-        self.port = _free_port()
-        self.children: list[subprocess.Popen[bytes]] = []
-        self.clients: dict[str, subprocess.Popen[bytes]] = {}
-        self.runtime_ports = {name: _free_port() for name in SITES}
-        create(self.certs, list(SITES), [])
+        data = {}
         for i, name in enumerate(SITES):
-            write_tiny_site(root / "data" / name, index=i, seed=i, patients=8, matrix=48)
+            data[name] = write_tiny_site(root / "data" / name, index=i, seed=i, matrix=48)
+        super().__init__(root, data)
 
-    def _fedct(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        log = (self.root / f"{log_name}.log").open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        child = start([sys.executable, "-m", "common.cli", *args], log=log, env=env)
-        self.children.append(child)
-        return child
-
-    def server(self, *extra: str) -> subprocess.Popen[bytes]:
-        args = ["server", "--state", str(self.state), "--certs", str(self.certs)]
-        args += ["--host", "127.0.0.1", "--port", str(self.port), *RUN_SETTINGS, *extra]
-        return self._fedct(args, "server")
-
-    def client(self, name: str) -> subprocess.Popen[bytes]:
-        child = self._fedct(
-            [
-                "client",
-                "--site",
-                name,
-                "--data",
-                str(self.root / "data" / name),
-                "--state",
-                str(self.site_state(name)),
-                "--superlink",
-                f"127.0.0.1:{self.port}",
-                "--ca",
-                str(self.certs / "ca.crt"),
-                "--key",
-                str(self.certs / "hospitals" / f"{name}.key"),
-                "--runtime-port",
-                str(self.runtime_ports[name]),
-                "--retry-wait",
-                "2",
-            ],
-            f"client-{name}",
-        )
-        self.clients[name] = child
-        return child
-
-    def site_state(self, name: str) -> Path:
-        return self.root / "sites" / name
-
-    def metrics(self) -> list[dict[str, object]]:
-        path = self.state / "run" / "metrics.jsonl"
-        return [json.loads(line) for line in path.open()] if path.exists() else []
-
-    def logs(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in self.root.glob("*.log"))
+    def server(self, *args: str) -> subprocess.Popen[bytes]:
+        return super().server(*RUN_SETTINGS, *args)
 
     def wait(self, child: subprocess.Popen[bytes], timeout: float) -> int:
         try:
             return child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"timed out after {timeout:.0f} s\n{self.logs()}")
-
-    def stop(self) -> None:
-        for child in self.children:
-            stop_group(child)
 
 
 def _process_groups_under(pids: set[int]) -> set[int]:
@@ -161,6 +96,9 @@ def test_tls_authenticated_federation_runs_and_resumes_after_restart(
         federation.client(name)
     assert federation.wait(server, 400) == 0, federation.logs()
     assert [r["round"] for r in federation.metrics()] == [1]
+    (record,) = federation.runs()  # what the SuperLink counted for the run
+    assert record["status"] == "finished:completed"
+    assert record["network-traffic"]["total-bytes"] > 0
     assert set(federation.metrics()[0]["train"]) == set(SITES)  # type: ignore[arg-type]
     checkpoints = federation.state / "run" / "checkpoints"
     assert (checkpoints / "round-0001.safetensors").is_file()

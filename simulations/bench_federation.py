@@ -1,0 +1,162 @@
+"""Federation benchmark: a real loopback deployment, and aggregation on its own.
+
+1. ``deployment``: `fedct server` + one `fedct client` per synthetic hospital (TLS, SuperNode
+   authentication), ResNet-18 at the default settings, once per transfer dtype (float32, then
+   float16, same data and seed). Per round: the training phase's wall time (model sent -> every
+   reply in), the slowest site's local step (its ClientApp handler: data from the cache, model,
+   DP training, ledger) and local training alone, and the difference (the federation's overhead:
+   ClientApp process start, serialization, transfer, hashing). Per run: bytes on the wire as the
+   SuperLink counts them, and the final pooled AUROC.
+2. ``aggregation``: FedCT's FedAvg (Flower's, behind FedCT's update validation) over 10, 100 and
+   1000 ResNet-18-sized updates: seconds, GB/s of updates, and the server's peak memory growth
+   during aggregation. The replies share one payload so that 1000 of them fit in memory: the
+   aggregation still decodes, validates and sums each one as if it were distinct.
+
+    python -m simulations.bench_federation [--part deployment|aggregation|all] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.models import ModelConfig, build_model
+from common.weights import model_weights
+from simulations.loopback import LoopbackFederation
+from simulations.synth import SynthSettings, write_hospitals
+
+
+def deployment(rounds: int, scale: float, dtypes: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fedct-bench-") as tmp:
+        sites = write_hospitals(
+            Path(tmp) / "data", SynthSettings(sites=3, scale=scale), progress=False
+        )
+        for dtype in dtypes:
+            root = Path(tmp) / dtype
+            root.mkdir()
+            fed = LoopbackFederation(root, {s.name: s for s in sites})
+            try:
+                server = fed.server("--rounds", str(rounds), "--set", f"transfer-dtype={dtype}")
+                for name in fed.data:
+                    fed.client(name)
+                code = server.wait(timeout=3600)
+                if code != 0:
+                    raise RuntimeError(f"the {dtype} run failed:\n{fed.logs()}")
+                results[dtype] = _summarize(fed.metrics(), fed.runs()[-1])
+            finally:
+                fed.stop()
+    return results
+
+
+def _summarize(history: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
+    per_round = []
+    for record in history:
+        train = record["train"].values()
+        phase = float(record["train-phase-seconds"])
+        handler = max(float(m["handler-seconds"]) for m in train)
+        local = max(float(m["train-seconds"]) for m in train)
+        per_round.append(
+            {
+                "round": record["round"],
+                "train_phase_s": round(phase, 2),
+                "slowest_site_step_s": round(handler, 2),
+                "slowest_site_training_s": round(local, 2),
+                "overhead_s": round(phase - handler, 2),
+                "overhead_per_site_s": round((phase - handler) / len(record["train"]), 2),
+                "overhead_share": round((phase - handler) / phase, 3),
+            }
+        )
+    traffic = run.get("network-traffic", {})
+    return {
+        "rounds": per_round,
+        "median_overhead_share": statistics.median(r["overhead_share"] for r in per_round),
+        "bytes_total": traffic.get("total-bytes"),
+        "bytes_to_sites": traffic.get("outbound-bytes"),
+        "bytes_from_sites": traffic.get("inbound-bytes"),
+        "final_pooled_auroc": history[-1].get("pooled", {}).get("auroc"),
+    }
+
+
+def aggregation(counts: list[int]) -> dict[str, Any]:
+    from flwr.app import Array, ArrayRecord
+
+    from common.config import FederationConfig, app_defaults
+    from server.strategy import make_strategy
+    from simulations.replies import train_reply
+
+    fed = FederationConfig.from_mapping({**app_defaults(), "min-sites": 1})
+    weights = model_weights(build_model(ModelConfig("resnet18", num_classes=2)))
+    update = {k: v + np.float32(1e-3) for k, v in weights.items()}
+    payload = ArrayRecord({k: Array(v) for k, v in update.items()})
+    nbytes = sum(v.nbytes for v in update.values())
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            strategy = make_strategy(fed, Path(tmp) / str(n), first_round=1, state=None)
+            strategy.global_weights = weights
+            strategy.round_log = {"train": {}, "excluded": {}, "failed": {}, "exhausted": []}
+
+            messages = [
+                train_reply(f"site-{i}", i + 1, payload, {"num-examples": 10 + i % 7})
+                for i in range(n)
+            ]
+            tracemalloc.start()
+            start = time.perf_counter()
+            arrays, _ = strategy.aggregate_train(1, messages)
+            seconds = time.perf_counter() - start
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            assert arrays is not None
+            results[str(n)] = {
+                "seconds": round(seconds, 2),
+                "gb_per_s": round(n * nbytes / seconds / 1e9, 2),
+                "peak_memory_growth_models": round(peak / nbytes, 2),
+            }
+    return {"model_bytes": nbytes, "updates": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["deployment", "aggregation", "all"], default="all")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0, help="synthetic patients scale")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    parser.add_argument("--counts", nargs="+", type=int, default=[10, 100, 1000])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    out: dict[str, Any] = {}
+    if args.part in ("aggregation", "all"):
+        out["aggregation"] = aggregation(args.counts)
+        print(f"aggregation of ResNet-18 updates ({out['aggregation']['model_bytes']} bytes):")
+        for n, r in out["aggregation"]["updates"].items():
+            print(
+                f"  {n:>5} updates: {r['seconds']:>7} s  {r['gb_per_s']:>5} GB/s  "
+                f"peak memory growth {r['peak_memory_growth_models']} models"
+            )
+    if args.part in ("deployment", "all"):
+        out["deployment"] = deployment(args.rounds, args.scale, args.dtypes)
+        for dtype, r in out["deployment"].items():
+            print(
+                f"{dtype}: {r['bytes_total'] / 1e6:.1f} MB on the wire "
+                f"({r['bytes_to_sites'] / 1e6:.1f} to sites, {r['bytes_from_sites'] / 1e6:.1f} "
+                f"from sites), final pooled AUROC {r['final_pooled_auroc']}"
+            )
+            for row in r["rounds"]:
+                print("   ", row)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
