@@ -68,3 +68,54 @@ def test_metrics_history_appends(tmp_path: Path) -> None:
     history = read_metrics(path)
     assert [r["round"] for r in history] == [1, 2]
     assert history[0]["pooled"]["auroc"] == pytest.approx(0.7)
+
+
+def _strategy(tmp_path: Path, **settings: object):  # type: ignore[no-untyped-def]
+    from common.config import FederationConfig, app_defaults
+    from server.strategy import make_strategy
+
+    fed = FederationConfig.from_mapping({**app_defaults(), "min-sites": 1, **settings})
+    strategy = make_strategy(fed, tmp_path, first_round=1, state=None)
+    strategy.global_weights = REFERENCE
+    strategy.round_log = {"train": {}, "excluded": {}, "failed": {}, "exhausted": []}
+    return strategy
+
+
+def _update(value: float, dtype: type = np.float32) -> dict[str, np.ndarray]:
+    return {k: np.full(v.shape, value, dtype) for k, v in REFERENCE.items()}
+
+
+def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates(tmp_path: Path) -> None:
+    from simulations.replies import train_reply
+
+    strategy = _strategy(tmp_path)
+    bad = _update(1.0)
+    bad["fc.bias"][0] = np.nan
+    replies = [
+        train_reply("a", 1, _update(1.0), {"num-examples": 10}),
+        train_reply("b", 2, _update(4.0, np.float16), {"num-examples": 30}),  # float16 wire
+        train_reply("c", 3, bad, {"num-examples": 1000}),
+        train_reply("d", 4, None, {"num-examples": 0, "epsilon": 8.0, "budget-exhausted": 1}),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    for key, value in arrays.items():
+        aggregated = value.numpy()
+        assert aggregated.dtype == np.float32
+        np.testing.assert_allclose(aggregated, (10 * 1.0 + 30 * 4.0) / 40)  # = 3.25
+        assert aggregated.shape == REFERENCE[key].shape
+    assert set(strategy.round_log["train"]) == {"a", "b"}
+    assert "non-finite" in strategy.round_log["excluded"]["c"]
+    assert strategy.exhausted == {"d"}
+
+
+def test_too_few_valid_updates_keep_the_previous_model(tmp_path: Path) -> None:
+    from simulations.replies import train_reply
+
+    strategy = _strategy(tmp_path, **{"min-sites": 2, "max-update-norm": 1.0})
+    replies = [
+        train_reply("a", 1, _update(0.1), {"num-examples": 10}),
+        train_reply("b", 2, _update(100.0), {"num-examples": 10}),  # absurd norm
+    ]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert "exceeds the limit" in strategy.round_log["excluded"]["b"]
