@@ -69,6 +69,11 @@ COMMANDS: tuple[Command, ...] = (
         "Join a federation from a hospital: check its data, then start a Flower SuperNode.",
     ),
     Command(
+        ("explain",),
+        "common.explain_cli",
+        "Predict and show Grad-CAM overlays for a DICOM file or series, with a FedCT model.",
+    ),
+    Command(
         ("simulate",),
         "simulations.simulate_cli",
         "Simulate a multi-hospital federation on this machine and write a report.",

@@ -19,8 +19,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from common.config import FederationConfig
 from common.errors import FedCTError
 from common.fileio import atomic_write, atomic_write_text
+from common.model_file import save_model
 from common.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -39,14 +41,15 @@ class ServerState:
 
 
 class CheckpointStore:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, fed: FederationConfig | None = None) -> None:
         self.folder = folder
+        self.fed = fed  # stored in each model file, so a checkpoint can be used on its own
 
     def save(self, weights: Weights, state: ServerState) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         stem = f"round-{state.round:04d}"
         model_path = self.folder / f"{stem}.safetensors"
-        _save_weights(model_path, weights)
+        save_model(model_path, {k: np.asarray(v) for k, v in weights.items()}, self.fed)
         for name, arrays in state.optimizer_state.items():
             _save_weights(self.folder / f"{stem}.{name}.safetensors", arrays)
         meta = {

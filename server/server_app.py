@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from safetensors.numpy import save_file
 
 from common.config import FederationConfig
+from common.model_file import save_model
 from common.models import build_model
 from common.weights import model_weights
 from server.checkpoints import CheckpointStore
@@ -51,9 +51,9 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=strategy.end_of_round,
     )
     final = (
-        {k: np.ascontiguousarray(v.numpy(), dtype=np.float32) for k, v in result.arrays.items()}
+        {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in result.arrays.items()}
         if result.arrays
         else weights
     )
-    save_file(final, str(out / "final_model.safetensors"))
+    save_model(out / "final_model.safetensors", final, fed)
     log.info("final global model: %s", out / "final_model.safetensors")

@@ -50,7 +50,7 @@ class FedCTMixin:
     ) -> None:
         self.fed = fed
         self.offset = first_round - 1
-        self.store = CheckpointStore(out / "checkpoints")
+        self.store = CheckpointStore(out / "checkpoints", fed)
         self.metrics_path = out / "metrics.jsonl"
         self.exhausted: set[str] = set(state.exhausted_sites) if state else set()
         self.node_sites: dict[int, str] = {}

@@ -28,6 +28,7 @@ from common.dataset import site_dataset
 from common.gradcam import cam_maps
 from common.metrics import roc_from_histograms
 from common.models import build_model
+from common.overlay import draw_slice
 from common.site import load_site
 from common.weights import load_weights
 
@@ -161,25 +162,17 @@ def gradcam_gallery(fed: FederationConfig, model_path: Path, per_kind: int = 4) 
             cams = cam_maps(model, images[picks], target_class=positive)
             for i, cam in zip(picks, cams, strict=True):
                 hu = site.images[rows[i]].astype(np.float32)
-                lung = np.clip((hu + 1350) / 1500, 0, 1)
                 chosen[kind].append(
-                    (lung, cam, site.lesion_mask(int(rows[i])), f"{folder.name} p={scores[i]:.2f}")
+                    (hu, cam, site.lesion_mask(int(rows[i])), f"{folder.name} p={scores[i]:.2f}")
                 )
     cells = [(k, item) for k, items in chosen.items() for item in items[:per_kind]]
     if not cells:
         return None
     fig = Figure(figsize=(2.2 * len(cells), 4.6))
     axes = fig.subplots(2, len(cells), squeeze=False)
-    for col, (kind, (lung, cam, mask, label)) in enumerate(cells):
-        axes[0, col].imshow(lung, cmap="gray")
+    for col, (kind, (hu, cam, mask, label)) in enumerate(cells):
+        draw_slice(axes[0, col], axes[1, col], hu, cam, mask)
         axes[0, col].set_title(f"{kind}\n{label}", fontsize=7)
-        axes[1, col].imshow(lung, cmap="gray")
-        axes[1, col].imshow(cam, cmap="jet", alpha=0.45)
-        if mask is not None and mask.any():
-            for ax in axes[:, col]:
-                ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
-        for ax in axes[:, col]:
-            ax.axis("off")
     fig.suptitle("CT (lung window) and Grad-CAM; green: lesion outline", fontsize=9)
     return _png(fig)
 

@@ -1,0 +1,47 @@
+"""A FedCT model file: safetensors weights (never unpickled) that carry the federation settings
+needed to use them (architecture, classes, grid, windows) as safetensors metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from common.config import FederationConfig
+from common.errors import ConfigError
+from common.fileio import atomic_write
+from common.weights import Weights
+
+CONFIG_KEY = "fedct-config"
+# where the run wrote and read on the server: not needed to use the model, and not shared
+_LOCAL_KEYS = ("output-dir", "data-root")
+
+
+def save_model(path: Path, weights: Weights, fed: FederationConfig | None = None) -> None:
+    contiguous = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    metadata = None
+    if fed is not None:
+        settings = {k: v for k, v in fed.to_mapping().items() if k not in _LOCAL_KEYS}
+        metadata = {CONFIG_KEY: json.dumps(settings)}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata), mode=0o644)
+
+
+def read_model(path: Path) -> tuple[Weights, FederationConfig]:
+    """The weights and settings of a model file FedCT wrote (final model or checkpoint)."""
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata: dict[str, Any] = handle.metadata() or {}
+            weights = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as err:
+        raise ConfigError(f"{path} is not a readable safetensors model file: {err}") from err
+    if CONFIG_KEY not in metadata:
+        raise ConfigError(
+            f"{path} has no FedCT settings; use final_model.safetensors or a round-NNNN "
+            "checkpoint written by a FedCT server"
+        )
+    fed = FederationConfig.from_mapping(json.loads(metadata[CONFIG_KEY]))
+    return weights, fed
