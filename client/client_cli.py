@@ -40,6 +40,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="local port for this SuperNode's app processes (default 9094; one per SuperNode)",
     )
     parser.add_argument(
+        "--trusted-entities",
+        type=Path,
+        help="Flower's YAML of public keys whose signed app bundles this hospital runs",
+    )
+    parser.add_argument(
         "--retry-wait",
         type=float,
         default=15.0,
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             "give --ca ca.crt and --key NAME.key (from the federation's `fedct certs`), "
             "or --insecure for a test on a trusted network"
         )
-    for path in (args.ca, args.key):
+    for path in (args.ca, args.key, args.trusted_entities):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path} does not exist")
     if args.insecure:
@@ -75,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
         delta=args.delta,
         dp=not args.no_dp,
     )
-    settings = NodeSettings(site, args.superlink, args.ca, args.key, args.runtime_port)
+    settings = NodeSettings(
+        site, args.superlink, args.ca, args.key, args.runtime_port, args.trusted_entities
+    )
     log.info("checking %s before joining ...", args.data)
     log.info("site %s: %s", args.site, check_site(settings))
     log.info("connecting to %s", args.superlink)

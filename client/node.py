@@ -31,6 +31,7 @@ class NodeSettings:
     ca_cert: Path | None  # None with key None: --insecure
     auth_key: Path | None
     runtime_port: int = 9094  # this SuperNode's local port for its ClientApp processes
+    trusted_entities: Path | None = None  # only run app bundles signed by these keys
 
     @property
     def state_dir(self) -> Path:
@@ -78,6 +79,8 @@ def supernode_args(settings: NodeSettings) -> list[str]:
         "--port",
         str(settings.runtime_port),
     ]
+    if settings.trusted_entities is not None:
+        args += ["--trusted-entities", str(settings.trusted_entities.resolve())]
     if settings.ca_cert is None or settings.auth_key is None:
         return [*args, "--insecure"]
     return [
@@ -103,7 +106,9 @@ def run_node(settings: NodeSettings, *, retry_wait_s: float = 15.0) -> int:
     """
     with sigterm_raises():
         while True:
-            child = start(supernode_args(settings), log=subprocess.PIPE, env=flower_environment())
+            # Flower unpacks each run's app under FLWR_HOME: keep that in the site's state folder
+            env = flower_environment(FLWR_HOME=str(settings.state_dir.resolve() / "flwr-home"))
+            child = start(supernode_args(settings), log=subprocess.PIPE, env=env)
             seen: list[bool] = []
             # a thread: the SuperNode's own children (SuperExec) may hold the pipe open after
             # it exits, until stop_group ends them
