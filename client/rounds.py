@@ -76,6 +76,19 @@ def _global_model(fed: FederationConfig, weights: Weights) -> ResNet:
     return model
 
 
+def train_config(fed: FederationConfig) -> TrainConfig:
+    """A round's local training settings, from the federation's."""
+    return TrainConfig(
+        epochs=fed.local_epochs,
+        learning_rate=fed.learning_rate,
+        momentum=fed.momentum,
+        batch_size=fed.batch_size,
+        physical_batch_size=fed.physical_batch_size,
+        max_grad_norm=fed.max_grad_norm,
+        proximal_mu=fed.proximal_mu if fed.strategy == "fedprox" else 0.0,
+    )
+
+
 def train_round(
     site: SiteConfig,
     fed: FederationConfig,
@@ -94,21 +107,13 @@ def train_round(
         seed=derive_seed(fed.seed, server_round),
     )
     model = _global_model(fed, weights)
-    cfg = TrainConfig(
-        epochs=fed.local_epochs,
-        learning_rate=fed.learning_rate,
-        momentum=fed.momentum,
-        batch_size=fed.batch_size,
-        physical_batch_size=fed.physical_batch_size,
-        max_grad_norm=fed.max_grad_norm,
-        proximal_mu=fed.proximal_mu if fed.strategy == "fedprox" else 0.0,
-    )
+    cfg = train_config(fed)
     n = len(dataset)
     version = model_version(weights)
     sigma = None
     ledger = None
     if site.dp:
-        patients = len({data.slices[i].patient_key for i in data.indices("train")})
+        patients = data.num_patients("train")
         budget = PrivacyBudget(
             epsilon=site.epsilon,
             delta=site.delta or default_delta(patients),

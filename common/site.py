@@ -101,6 +101,10 @@ class SiteData:
             out.setdefault(s.split, Counter())[s.label] += 1
         return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
 
+    def num_patients(self, split: str) -> int:
+        """Distinct patients in ``split`` (what a privacy guarantee is about)."""
+        return len({self.slices[i].patient_key for i in self.indices(split)})
+
     def require_trainable(self, classes: Sequence[str] | None = None) -> None:
         """Raise :class:`SiteDataError` if this site cannot take part in training."""
         where = f"hospital folder {self.root}"

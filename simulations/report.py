@@ -200,7 +200,7 @@ def write_report(
         f"{_num(pooled.get('cam-pointing'))} hit rate, {_num(pooled.get('cam-energy'))} of "
         f"CAM energy inside the lesion ({pooled.get('cam-slices', 0)} slices)"
     )
-    sections = "".join(
+    sections = compare_table(summary) + "".join(
         f"<h2>{title}</h2><img src='{src}' alt='{title}'>"
         if src
         else f"<h2>{title}</h2><p>{MISSING[title]}</p>"
@@ -225,6 +225,26 @@ over sites ({fed.histogram_bins} bins); no per-patient score left any site.</p>
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def compare_table(summary: dict[str, Any]) -> str:
+    """The --compare table: per-site and pooled AUROC of each model (empty without it)."""
+    rows = summary.get("compare")
+    if not rows:
+        return ""
+    sites = sorted({name for r in rows for name in r["sites"]})
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in sites)
+    body = "".join(
+        f"<tr><td>{html.escape(r['model'])}</td><td>{'yes' if r['dp'] else 'no'}</td>"
+        + "".join(f"<td>{_num(r['sites'].get(s))}</td>" for s in sites)
+        + f"<td><b>{_num(r['pooled'])}</b></td></tr>"
+        for r in rows
+    )
+    return (
+        "<h2>Comparison</h2><p>AUROC on each hospital's held-out patients; every model had the "
+        "same number of passes over its training data (rounds x local epochs).</p>"
+        f"<table><tr><th>model</th><th>DP</th>{head}<th>pooled</th></tr>{body}</table>"
+    )
 
 
 def _num(value: Any, digits: int = 3) -> str:

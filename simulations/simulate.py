@@ -139,3 +139,21 @@ def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:
     }
     (paths.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
     return summary
+
+
+def add_comparison(
+    paths: SimulationPaths, fed: FederationConfig, summary: dict[str, Any], console: Console
+) -> dict[str, Any]:
+    """Train the centralized and local-only baselines; add the table to ``summary.json``."""
+    from dataclasses import asdict
+
+    from simulations.compare import compare, federated_row
+
+    console.print("training the comparison models (centralized, local-only) ...")
+    rows = [federated_row(fed, read_metrics(paths.metrics)[-1])]
+    rows += compare(fed, Path(fed.data_root), paths.federation / "sites")
+    summary = {**summary, "compare": [asdict(r) for r in rows]}
+    (paths.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    for r in rows:
+        console.print(f"{r.model:<28} pooled AUROC {r.pooled:.3f}")
+    return summary

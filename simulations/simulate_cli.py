@@ -30,6 +30,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedmedian, ...")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also train centralized (with and without DP) and local-only models, same budget",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -47,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from simulations.report import write_report
     from simulations.simulate import (
         SimulationPaths,
+        add_comparison,
         prepare_data,
         run_config,
         run_federation,
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     run_federation(config, num_sites=len(sites), paths=paths, console=console)
     fed = FederationConfig.from_mapping(config)
     summary = summarize(paths, fed)
+    if args.compare:
+        summary = add_comparison(paths, fed, summary, console)
     report = write_report(paths.out, summary, read_metrics(paths.metrics), fed)
     auroc = summary["pooled_auroc"]
     console.print(
