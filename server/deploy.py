@@ -158,6 +158,19 @@ def submit_run(settings: ServerSettings) -> str:
     return str(answer["run-id"])
 
 
+def stop_stale_runs(settings: ServerSettings) -> list[str]:
+    """Stop runs a previous server process left unfinished in the database: their ServerApp is
+    gone, and only one run may write the output folder (the new one resumes its checkpoint)."""
+    stale = [
+        str(r["run-id"])
+        for r in flwr(settings, "ls", CONNECTION).get("runs", [])
+        if not str(r.get("status", "")).startswith("finished")
+    ]
+    for run_id in stale:
+        flwr(settings, "stop", run_id, CONNECTION)
+    return stale
+
+
 def run_status(settings: ServerSettings, run_id: str) -> dict[str, Any]:
     answer = flwr(settings, "ls", CONNECTION, "--run-id", run_id)
     runs = answer.get("runs") or [{}]
@@ -183,6 +196,8 @@ def serve(settings: ServerSettings, console: Console, *, keep_running: bool = Fa
             write_flower_config(settings)
             for name in register_hospitals(settings):
                 console.print(f"registered hospital [bold]{name}[/bold]")
+            for stale in stop_stale_runs(settings):
+                console.print(f"stopped run {stale}, left unfinished by a previous server")
             run_id = submit_run(settings)
             console.print(
                 f"FedCT run {run_id} started on {settings.local_address} "

@@ -3,7 +3,8 @@
 Trains one ResNet-18 on the pooled training splits of every site under ``--data`` and reports
 AUROC on the pooled validation splits and, with ``--test``, on every slice of a second set of
 hospitals (different patients, e.g. another synthetic seed). ``--norm batch`` is torchvision's
-stock ResNet-18 (BatchNorm, not usable under DP); ``--norm group`` is FedCT's DP-compatible one.
+stock ResNet-18 (BatchNorm, not usable under DP); ``--norm group`` is FedCT's DP-compatible
+one (GroupNorm + weight standardization), ``group-no-ws`` the same without standardization.
 
     python -m simulations.bench_learnability --data synth/ --test synth-test/ [--norm batch]
 """
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--test", type=Path)
-    parser.add_argument("--norm", choices=["batch", "group"], default="batch")
+    parser.add_argument(
+        "--norm",
+        choices=["batch", "group", "group-no-ws"],
+        default="batch",
+        help="stock BatchNorm ResNet; FedCT's GroupNorm + weight standardization; GroupNorm alone",
+    )
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     model = (
         torchvision.models.resnet18(num_classes=len(fed.class_names))
         if args.norm == "batch"
-        else build_model(fed.model_config)
+        else build_model(replace(fed.model_config, weight_standardization=args.norm == "group"))
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs)
