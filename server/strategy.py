@@ -75,16 +75,9 @@ class FedCTMixin:
             "exhausted": sorted(self.exhausted),
         }
         self.global_weights = {k: v.numpy() for k, v in arrays.items()}
-        messages = list(super().configure_train(actual, arrays, config, grid))  # type: ignore[misc]
-        if self.fed.transfer_dtype != "float32":  # the strategy's own state stays float32
-            outgoing = ArrayRecord(
-                {
-                    k: Array(v.astype(self.fed.transfer_dtype))
-                    for k, v in self.global_weights.items()
-                }
-            )
-            for message in messages:
-                message.content["arrays"] = outgoing
+        messages = self._in_transfer_dtype(
+            super().configure_train(actual, arrays, config, grid)  # type: ignore[misc]
+        )
         keep = [
             m for m in messages if self.node_sites.get(m.metadata.dst_node_id) not in self.exhausted
         ]
@@ -95,6 +88,27 @@ class FedCTMixin:
                 len(messages) - len(keep),
             )
         return keep
+
+    def _in_transfer_dtype(self, messages: Iterable[Message]) -> list[Message]:
+        """The messages with the model cast to ``transfer-dtype`` (the strategy's own state
+        stays float32)."""
+        messages = list(messages)
+        if self.fed.transfer_dtype == "float32" or not messages:
+            return messages
+        arrays = messages[0].content.array_records["arrays"]
+        outgoing = ArrayRecord(
+            {k: Array(v.numpy().astype(self.fed.transfer_dtype)) for k, v in arrays.items()}
+        )
+        for message in messages:
+            message.content["arrays"] = outgoing
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._in_transfer_dtype(
+            super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

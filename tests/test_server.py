@@ -119,3 +119,23 @@ def test_too_few_valid_updates_keep_the_previous_model(tmp_path: Path) -> None:
     ]
     assert strategy.aggregate_train(1, replies) == (None, None)
     assert "exceeds the limit" in strategy.round_log["excluded"]["b"]
+
+
+def test_float16_transfer_casts_what_goes_to_the_sites(tmp_path: Path) -> None:
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    from simulations.replies import train_reply
+
+    strategy = _strategy(tmp_path, **{"transfer-dtype": "float16"})
+    train_reply("a", 1, None, {})  # sets the task identity messages need
+    model = ArrayRecord({k: Array(v) for k, v in REFERENCE.items()})
+    outgoing = strategy._in_transfer_dtype(
+        [
+            Message(RecordDict({"arrays": model}), dst_node_id=n, message_type="evaluate")
+            for n in (1, 2)
+        ]
+    )
+    for message in outgoing:
+        for value in message.content.array_records["arrays"].values():
+            assert value.numpy().dtype == np.float16
+    assert all(v.numpy().dtype == np.float32 for v in model.values())  # the original is kept
