@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -173,16 +174,21 @@ def _decode_files(
         rest = paths[len(results) :]
         n = min(workers or os.cpu_count() or 1, 8, len(rest))
         # n workers pay off once t > start + t / n; ask for 1.5x that as margin.
-        if n > 1 and per_file * len(rest) > 1.5 * WORKER_START_S * n / (n - 1):
-            # "spawn": a fresh interpreter, safe whatever threads (torch, Ray, gRPC) run here.
-            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for result in pool.map(work, rest, chunksize=8):
-                    results.append(result)
-                    bar.update()
-        else:
-            for path in rest:
-                results.append(work(path))
-                bar.update()
+        worth_it = per_file * len(rest) > 1.5 * WORKER_START_S * n / (n - 1) if n > 1 else False
+        if worth_it and not multiprocessing.current_process().daemon:
+            try:
+                # "spawn": a fresh interpreter, safe whatever threads (torch, Ray, gRPC) run here
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(n, mp_context=context) as pool:
+                    for result in pool.map(work, rest, chunksize=8):
+                        results.append(result)
+                        bar.update()
+            except (BrokenProcessPool, RuntimeError, OSError) as err:
+                # e.g. a host script without an ``if __name__ == "__main__"`` guard
+                log.warning("decoding in one process (worker processes failed: %s)", err)
+        for path in paths[len(results) :]:
+            results.append(work(path))
+            bar.update()
     return dict(zip(todo, results, strict=True))
 
 
