@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,7 +127,12 @@ def train_local(
     losses: list[float] = []
     steps = 0
     start = time.perf_counter()
-    with _private(model, optimizer, loader, noise_multiplier, cfg, seed) as (net, opt, batches):
+    with (
+        _private(model, optimizer, loader, noise_multiplier, cfg, seed) as (net, opt, batches),
+        warnings.catch_warnings(),
+    ):
+        # Opacus' hooks on the first layer fire although images need no gradient: harmless
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for epoch in range(cfg.epochs):
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(derive_seed(seed, epoch) % 2**31)

@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants.utils import get_noise_multiplier
 from sklearn.metrics import roc_auc_score
 
-from client.privacy import default_delta
+from client.privacy import PrivacyBudget, calibrate_noise, default_delta
 from client.rounds import train_config
 from client.training import evaluate, sample_rate, steps_per_epoch, train_local
 from common.config import FederationConfig
@@ -111,19 +110,13 @@ def _baseline(
     cfg = replace(train_config(fed), epochs=fed.num_server_rounds * fed.local_epochs)
     sigma = None
     if dp:
-        patients = sum(
-            len({s.slices[i].patient_key for i in s.indices("train")}) for s in train_sites
-        )
+        patients = sum(s.num_patients("train") for s in train_sites)
+        budget = PrivacyBudget(fed.epsilon, fed.delta or default_delta(patients), fed.accountant)
         n = len(data)
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=fed.epsilon,
-                target_delta=fed.delta or default_delta(patients),
-                sample_rate=sample_rate(n, cfg.batch_size),
-                steps=cfg.epochs * steps_per_epoch(n, cfg.batch_size),
-                accountant=fed.accountant,
-                epsilon_tolerance=0.01,
-            )
+        sigma = calibrate_noise(
+            budget,
+            sample_rate=sample_rate(n, cfg.batch_size),
+            steps=cfg.epochs * steps_per_epoch(n, cfg.batch_size),
         )
     torch.manual_seed(seed % 2**31)
     model = build_model(fed.model_config)
