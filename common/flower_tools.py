@@ -25,8 +25,12 @@ def executable(name: str) -> str:
 
 
 def flower_environment(**extra: str) -> dict[str, str]:
-    """This process's environment for a Flower executable: telemetry off, plus ``extra``."""
-    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **extra}
+    """This process's environment for a Flower executable: telemetry off, this environment's
+    executables first on PATH (Flower's processes start each other by name, e.g.
+    ``flower-superexec``, ``flwr-clientapp``, also when FedCT's venv is not activated), plus
+    ``extra``."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PATH": path, **extra}
 
 
 def toml_value(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,16 @@ from pathlib import Path
 import pytest
 
 from simulations.synth import PROFILES, write_hospital
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (CI's time limit) ends the session like Ctrl-C, so fixture teardowns still stop
+    # the Flower processes the end-to-end tests started.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def write_tiny_site(
