@@ -14,6 +14,7 @@ The mixin adds what a hospital federation needs around Flower's aggregation:
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -166,7 +167,7 @@ class FedCTMixin:
         records = msg.content.array_records
         if "arrays" not in records:
             return "no model update in the reply"
-        weights = {k: v.numpy() for k, v in records["arrays"].items()}
+        weights = {k: _view(v) for k, v in records["arrays"].items()}
         problem = weight_problem(
             weights, self.global_weights, max_distance=self.fed.max_update_norm
         )
@@ -250,6 +251,27 @@ class FedCTMixin:
         self.round_log["seconds"] = round(time.time() - self.round_start, 3)
         append_metrics(self.metrics_path, self.round_log)
         return None
+
+
+def _view(array: Array) -> np.ndarray:
+    """A read-only view of an Array's values, without the copy ``Array.numpy()`` makes.
+
+    Hand-written (numpy reads .npy only from files or by copying): validating every update
+    through views instead of copies saves one full memory pass per update on the server.
+    """
+    data = array.data
+    if array.stype != "numpy.ndarray":
+        return array.numpy()  # let Flower say what it cannot read
+    stream = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(stream)
+    read_header = (
+        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not model weights")
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 _BASES: dict[str, type[Strategy]] = {
