@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from client.privacy import PrivacyBudget, calibrate_noise, default_delta
 from client.rounds import train_config
 from client.training import evaluate, sample_rate, steps_per_epoch, train_local
 from common.config import FederationConfig
 from common.dataset import CTSlices, site_dataset
+from common.metrics import binary_metrics
 from common.models import build_model
 from common.seeding import derive_seed
 from common.site import SiteData, load_site
@@ -137,13 +137,8 @@ def _evaluate(label: str, dp: bool, model: torch.nn.Module, held_out: dict[str, 
         result = evaluate(model, data)
         positive = result.targets == result.probabilities.shape[1] - 1
         score = result.probabilities[:, -1]
-        per_site[name] = _auroc(positive, score)
+        per_site[name] = binary_metrics(score, positive).auroc
         scores.append(score)
         truths.append(positive)
-    return Row(label, dp, per_site, _auroc(np.concatenate(truths), np.concatenate(scores)))
-
-
-def _auroc(positive: np.ndarray, score: np.ndarray) -> float:
-    if positive.all() or not positive.any():
-        return float("nan")
-    return float(roc_auc_score(positive, score))
+    pooled = binary_metrics(np.concatenate(scores), np.concatenate(truths)).auroc
+    return Row(label, dp, per_site, pooled)
