@@ -20,6 +20,7 @@ from rich.console import Console
 
 from common.config import FederationConfig, app_defaults
 from common.errors import FedCTError
+from common.flower_tools import flower_environment
 from common.processes import sigterm_raises, start, stop_group
 from server.checkpoints import read_metrics
 from server.progress import follow_rounds
@@ -94,7 +95,7 @@ def run_federation(
         "--config",
         json.dumps(config),
     ]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+    env = flower_environment(RAY_DEDUP_LOGS="0")
     done_before = len(read_metrics(paths.metrics))
     with paths.log.open("a") as log_file, sigterm_raises():
         child = start(args, log=log_file, env=env, cwd=Path(__file__).resolve().parent.parent)
