@@ -59,6 +59,11 @@ COMMANDS: tuple[Command, ...] = (
         "Create the federation's CA, the server certificate and each hospital's key pair.",
     ),
     Command(
+        ("pretrain",),
+        "server.pretrain_cli",
+        "Train the federation's starting weights on public (non-hospital) CT data.",
+    ),
+    Command(
         ("server",),
         "server.server_cli",
         "Run the aggregation server (Flower SuperLink with TLS) and the FedCT run on it.",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.models import ModelConfig
+from common.models import NORMS, ModelConfig
 from common.preprocess import GridConfig, PreprocessConfig, parse_windows
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,7 @@ class FederationConfig:
     classes: str = "normal,nodule"
     freeze: str = "none"
     pretrained: str = ""  # server-side path to a torchvision state dict for the first model
+    norm: str = "auto"  # auto: folded with pretrained weights, else group
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01  # FedAdam
@@ -88,6 +89,13 @@ class FederationConfig:
             raise ConfigError(f"classes must name at least two distinct classes: {self.classes!r}")
         if self.dp and not self.epsilon > 0:
             raise ConfigError("epsilon must be positive (or set dp = false)")
+        if self.norm not in ("auto", *NORMS):
+            raise ConfigError(f"norm must be one of auto, {', '.join(NORMS)}; got {self.norm!r}")
+        if self.resolved_norm == "folded" and not self.pretrained:
+            raise ConfigError(
+                'norm = "folded" needs pretrained BatchNorm weights (set pretrained = PATH, '
+                'e.g. from `fedct pretrain`), or use norm = "group" to train from scratch'
+            )
         self.model_config  # noqa: B018 - validates the model, freeze policy, windows, grid
 
     @property
@@ -107,7 +115,15 @@ class FederationConfig:
             in_channels=self.preprocess.channels,
             pretrained=Path(self.pretrained) if self.pretrained else None,
             freeze=self.freeze,
+            norm=self.resolved_norm,
         )
+
+    @property
+    def resolved_norm(self) -> str:
+        """The model's normalisation: ``auto`` folds pretrained BatchNorm, else GroupNorm."""
+        if self.norm == "auto":
+            return "folded" if self.pretrained else "group"
+        return self.norm
 
     @property
     def privacy_horizon(self) -> int:

@@ -2,7 +2,11 @@
 aggregate: fixed-bin histograms of the positive-class score per true class.
 
 Summing histograms across sites gives the pooled ROC curve and AUROC exactly up to the bin
-width (scores in one bin count as ties), with no per-patient score ever leaving a site.
+width (scores in one bin count as ties), with no per-patient score ever leaving a site. The bins
+are equally wide in log-odds (logit) over [-LOGIT_RANGE, LOGIT_RANGE], not in probability: a
+confident model (or a site with a shifted score scale) puts most scores below 0.01 or above
+0.99, where probability bins would lump them into one tie and the pooled AUROC would collapse
+towards 0.5. Any monotone binning keeps the AUROC formula exact up to ties.
 scikit-learn computes the per-site metrics; the histogram AUROC is written here because no
 library computes AUROC from binned counts.
 """
@@ -16,6 +20,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 DEFAULT_BINS = 100
+LOGIT_RANGE = 12.0  # sigmoid(12) = 1 - 6e-6: beyond this, scores share the end bins
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,25 @@ def binary_metrics(
 def score_histograms(
     scores: np.ndarray, positive: np.ndarray, *, bins: int = DEFAULT_BINS
 ) -> np.ndarray:
-    """``(2, bins)`` counts of scores in [0, 1]: row 0 for negatives, row 1 for positives."""
+    """``(2, bins)`` counts of scores in [0, 1]: row 0 for negatives, row 1 for positives.
+
+    Bin ``i`` holds the scores whose log-odds fall in the ``i``-th of ``bins`` equal steps of
+    [-LOGIT_RANGE, LOGIT_RANGE] (see :func:`bin_edges`)."""
     scores = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
     positive = np.asarray(positive, dtype=bool)
-    index = np.minimum((scores * bins).astype(np.int64), bins - 1)
+    with np.errstate(divide="ignore"):
+        logits = np.log(scores) - np.log1p(-scores)  # +-inf at exactly 0 or 1: the end bins
+    step = 2 * LOGIT_RANGE / bins
+    index = np.clip(np.floor((logits + LOGIT_RANGE) / step), 0, bins - 1).astype(np.int64)
     hist = np.zeros((2, bins), dtype=np.int64)
     np.add.at(hist, (positive.astype(np.int64), index), 1)
     return hist
+
+
+def bin_edges(bins: int = DEFAULT_BINS) -> np.ndarray:
+    """The ``bins + 1`` score thresholds between histogram bins (0 and 1 at the ends)."""
+    inner = np.linspace(-LOGIT_RANGE, LOGIT_RANGE, bins + 1)[1:-1]
+    return np.concatenate([[0.0], 1.0 / (1.0 + np.exp(-inner)), [1.0]])
 
 
 def auroc_from_histograms(hist: np.ndarray) -> float:

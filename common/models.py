@@ -6,9 +6,18 @@ and ``ReLU(inplace=True)``). :func:`build_model` swaps BatchNorm for GroupNorm a
 blocks whose forward is out-of-place, so Opacus' fast ``hooks`` grad-sample mode works. The
 result passes Opacus' ``ModuleValidator`` (checked in the tests).
 
-Transfer learning follows the classic recipe: ImageNet weights from a local torchvision state
-dict (no network at run time); BatchNorm's affine parameters become GroupNorm's, convolutions are
-kept as they are, and a one-channel input sums the pretrained RGB filters.
+Transfer learning follows the classic recipe: ImageNet (or public-CT) weights from a local
+torchvision state dict, no network at run time. Two DP-compatible forms of a pretrained BatchNorm
+ResNet (the ``norm`` setting):
+
+- ``folded`` (the default with pretrained weights): each BatchNorm, with its running statistics,
+  is folded into the convolution before it (a per-channel scale of the filters plus a bias), so
+  the DP model computes *exactly* the pretrained function and has no normalisation layer left.
+  Fine-tuning then starts from the features the weights were trained to produce.
+- ``group``: BatchNorm's affine parameters become GroupNorm's and the convolutions are kept; the
+  function changes (per-sample instead of dataset statistics), so the features must re-adapt.
+
+A one-channel input sums the pretrained RGB filters.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ARCHITECTURES: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {}
 FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "last1", "last2", "last3")
+NORMS: tuple[str, ...] = ("group", "folded")
 
 
 class DPBasicBlock(BasicBlock):
@@ -111,7 +121,8 @@ class ModelConfig:
     in_channels: int = 3
     pretrained: Path | None = None  # a torchvision ImageNet state dict (.pth or .safetensors)
     freeze: str = "none"
-    weight_standardization: bool = True
+    norm: str = "group"  # group: GroupNorm (+ weight standardization); folded: BatchNorm folded
+    weight_standardization: bool = True  # group norm only
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -122,6 +133,11 @@ class ModelConfig:
             raise ConfigError(f"a classifier needs at least 2 classes, got {self.num_classes}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"input channels must be 1 or 3, got {self.in_channels}")
+        if self.norm not in NORMS:
+            raise ConfigError(
+                f"unknown norm {self.norm!r}; choose group (GroupNorm, trains from scratch) or "
+                "folded (pretrained BatchNorm folded into the convolutions)"
+            )
         if self.freeze not in FREEZE_POLICIES:
             raise ConfigError(
                 f"unknown freeze policy {self.freeze!r}; choose one of {', '.join(FREEZE_POLICIES)}"
@@ -132,19 +148,31 @@ class ModelConfig:
 def build_model(cfg: ModelConfig) -> ResNet:
     """A DP-compatible ResNet per ``cfg``, initialised from ``cfg.pretrained`` if given."""
     block, layers = ARCHITECTURES[cfg.architecture]
-    # zero_init_residual: each block starts as the identity, which GroupNorm ResNets need to
-    # train stably from scratch (there are no batch statistics to tame the residual sums).
-    model = ResNet(
-        block, layers, num_classes=cfg.num_classes, norm_layer=group_norm, zero_init_residual=True
-    )
+    if cfg.norm == "folded":
+        # No normalisation layers; every convolution gets the bias a folded BatchNorm leaves.
+        model = ResNet(block, layers, num_classes=cfg.num_classes, norm_layer=_no_norm)
+        _bias_convolutions(model)
+    else:
+        # zero_init_residual: each block starts as the identity, which GroupNorm ResNets need
+        # to train stably from scratch (no batch statistics tame the residual sums).
+        model = ResNet(
+            block,
+            layers,
+            num_classes=cfg.num_classes,
+            norm_layer=group_norm,
+            zero_init_residual=True,
+        )
     for module in model.modules():  # ReLU(inplace=True) would overwrite hooked activations
         if isinstance(module, nn.ReLU):
             module.inplace = False
     if cfg.pretrained is not None:
-        load_pretrained(model, cfg.pretrained)
+        if cfg.norm == "folded":
+            load_folded(model, cfg.pretrained)
+        else:
+            load_pretrained(model, cfg.pretrained)
     if cfg.in_channels == 1:
         _to_one_channel(model)
-    if cfg.weight_standardization:
+    if cfg.weight_standardization and cfg.norm == "group":
         _standardize_convolutions(model)
     apply_freeze(model, cfg.freeze)
     return model
@@ -153,11 +181,12 @@ def build_model(cfg: ModelConfig) -> ResNet:
 def load_pretrained(model: ResNet, path: Path) -> None:
     """Load ImageNet weights from a torchvision ResNet state dict file (BatchNorm or GroupNorm).
 
-    The classifier head is left as initialised (ImageNet's 1000 classes are not ours).
+    The classifier head is kept only where it has this model's shape (a head trained on the
+    same classes); ImageNet's 1000-class head is left as initialised.
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    converted: dict[str, Tensor] = {}
+    converted: dict[str, Tensor] = _matching_head(state, own, path)
     for key, value in state.items():
         if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
             continue  # BatchNorm statistics have no GroupNorm counterpart
@@ -179,6 +208,98 @@ def load_pretrained(model: ResNet, path: Path) -> None:
         raise ConfigError(f"{path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r}")
     model.load_state_dict(converted, strict=False)
     log.info("initialised %d tensors from %s", len(converted), path.name)
+
+
+def load_folded(model: ResNet, path: Path) -> None:
+    """Load a BatchNorm ResNet state dict into the norm-free model, folding each BatchNorm into
+    the convolution before it: for ``y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta``
+    the convolution's filters are scaled by ``s = gamma / sqrt(var + eps)`` per output channel
+    and its bias becomes ``beta - s * mean``. A state dict of this folded form (e.g. a FedCT
+    global model) loads as it is.
+
+    There is no library function for this on state dicts: ``torch.nn.utils.fuse_conv_bn_weights``
+    fuses one pair of tensors, and is what each fold below uses.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    loaded: dict[str, Tensor] = _matching_head(state, own, path)
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        weight, bias = f"{conv}.weight", f"{conv}.bias"
+        bn = _norm_after(conv)
+        if weight not in state:
+            raise ConfigError(
+                f"{path} has no {weight!r}; is it a torchvision {type(model).__name__} state "
+                "dict of the same depth?"
+            )
+        if state[weight].shape != own[weight].shape:
+            raise ConfigError(
+                f"{path}: weight {weight!r} has shape {tuple(state[weight].shape)}, the model "
+                f"expects {tuple(own[weight].shape)}; wrong architecture?"
+            )
+        if bias in state:
+            loaded[weight], loaded[bias] = state[weight], state[bias]
+            continue
+        stats = [f"{bn}.{k}" for k in ("running_mean", "running_var", "weight", "bias")]
+        if not all(k in state for k in stats):
+            raise ConfigError(
+                f"{path} has no BatchNorm statistics for {conv!r} ({bn}.running_mean/var), so "
+                'they cannot be folded (GroupNorm weights?); set norm = "group" for this file'
+            )
+        mean, var, gamma, beta = (state[k].float() for k in stats)
+        fused_w, fused_b = torch.nn.utils.fuse_conv_bn_weights(
+            state[weight].float(), None, mean, var, 1e-5, gamma, beta
+        )
+        loaded[weight], loaded[bias] = fused_w.detach(), fused_b.detach()
+    missing = [k for k in own if not k.startswith("fc.") and k not in loaded]
+    if missing:
+        raise ConfigError(f"{path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r}")
+    model.load_state_dict(loaded, strict=False)
+    log.info("initialised %d tensors from %s (BatchNorm folded)", len(loaded), path.name)
+
+
+def _norm_after(conv: str) -> str:
+    """torchvision ResNet's name for the BatchNorm that follows convolution ``conv``."""
+    head, _, last = conv.rpartition(".")
+    prefix = f"{head}." if head else ""
+    if last.startswith("conv"):
+        return f"{prefix}bn{last.removeprefix('conv')}"
+    if last == "0" and head.endswith("downsample"):
+        return f"{head}.1"
+    raise ConfigError(f"no BatchNorm is known to follow convolution {conv!r}")
+
+
+def _matching_head(
+    state: Mapping[str, Tensor], own: Mapping[str, Tensor], path: Path
+) -> dict[str, Tensor]:
+    head = {k: state[k] for k in ("fc.weight", "fc.bias") if k in state}
+    if len(head) == 2 and all(head[k].shape == own[k].shape for k in head):
+        log.info("%s: keeping its classifier head (same number of classes)", path.name)
+        return head
+    return {}
+
+
+def _no_norm(channels: int) -> nn.Module:
+    return nn.Identity()
+
+
+def _bias_convolutions(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is nn.Conv2d and child.bias is None:
+            conv = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,  # type: ignore[arg-type]
+                child.stride,  # type: ignore[arg-type]
+                child.padding,  # type: ignore[arg-type]
+                bias=True,
+            )
+            with torch.no_grad():
+                conv.weight.copy_(child.weight)
+                conv.bias.zero_()  # type: ignore[union-attr]
+            setattr(module, name, conv)
+        else:
+            _bias_convolutions(child)
 
 
 def read_state_dict(path: Path) -> Mapping[str, Tensor]:
@@ -207,9 +328,13 @@ def _to_one_channel(model: ResNet) -> None:
     """Collapse the first convolution to one input channel by summing its RGB filters: a gray
     image replicated on three channels then gives exactly the pretrained response."""
     old = model.conv1
-    new = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+    new = nn.Conv2d(
+        1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None
+    )
     with torch.no_grad():
         new.weight.copy_(old.weight.sum(dim=1, keepdim=True))
+        if old.bias is not None:
+            new.bias.copy_(old.bias)  # type: ignore[union-attr]
     model.conv1 = new
 
 

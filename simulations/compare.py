@@ -6,7 +6,9 @@ passes over each site's training data as the federation (rounds x local epochs):
   privacy law allowed it);
 - centralized with DP-SGD at the federation's ε (δ below 1/N for all N training patients), when
   the federation uses DP;
-- local-only: each hospital alone, with the federation's privacy setting.
+- local-only: each hospital alone, with the federation's privacy setting;
+- with pretrained weights, the starting model itself, untrained on any hospital (what the
+  federation adds on top of public pretraining).
 Every model is evaluated on every hospital's held-out patients; the table gives per-site and
 pooled AUROC. This is a what-if on one machine: it pools data, which a deployment never does.
 """
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Row:
-    model: str  # "centralized", "centralized + DP", "local-only: NAME", "federated"
+    # "federated", "pretrained only", "centralized", "centralized + DP", "local-only: NAME"
+    model: str
     dp: bool
     sites: dict[str, float]  # AUROC on each site's held-out patients
     pooled: float  # AUROC on all held-out patients together
@@ -65,6 +68,8 @@ def compare(fed: FederationConfig, sites_root: Path, cache_root: Path) -> list[R
         for name, site in sites.items()
     }
     rows = []
+    if fed.pretrained:
+        rows.append(_evaluate("pretrained only", False, build_model(fed.model_config), held_out))
     for dp in (False, True) if fed.dp else (False,):
         label = "centralized + DP" if dp else "centralized"
         rows.append(_baseline(label, dp, fed, list(sites.values()), held_out))

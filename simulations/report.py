@@ -214,17 +214,24 @@ td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 <h1>FedCT federated simulation</h1>
 <p><b>Pooled AUROC {_num(summary.get("pooled_auroc"))}</b> on all sites' held-out patients after
 {summary["rounds"]} rounds &middot; strategy {html.escape(fed.strategy)} &middot; model
-{html.escape(fed.model)} at {fed.image_size} px &middot;
+{html.escape(fed.model)} at {fed.image_size} px &middot; {_start(fed)} &middot;
 {"DP-SGD, per-site budget ε=" + _num(fed.epsilon, 1) if fed.dp else "no differential privacy"}</p>
 <h2>Sites</h2><table><tr><th>site</th><th>training slices</th><th>held-out slices</th>
 <th>AUROC</th><th>ε spent</th><th>ε budget</th></tr>{rows}</table>
 <p>{cam}</p>{sections}
 <p style="color:#666;font-size:small">Pooled AUROC is computed from score histograms summed
-over sites ({fed.histogram_bins} bins); no per-patient score left any site.</p>
+over sites ({fed.histogram_bins} bins, equal in log-odds); no per-patient score left any site.</p>
 </body></html>"""
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def _start(fed: FederationConfig) -> str:
+    if not fed.pretrained:
+        return "trained from scratch"
+    trained = "head only" if fed.freeze == "head" else f"freeze {fed.freeze}"
+    return f"from pretrained {html.escape(Path(fed.pretrained).name)} ({trained})"
 
 
 def compare_table(summary: dict[str, Any]) -> str:

@@ -30,6 +30,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedmedian, ...")
     parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument(
+        "--pretrain",
+        metavar="public|none|FILE",
+        help="starting weights: 'public' pretrains on a synthetic public data set (the default "
+        "with built-in synthetic hospitals), 'none' trains from scratch (the default with "
+        "--data), or a torchvision state dict file",
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
         help="also train centralized (with and without DP) and local-only models, same budget",
@@ -54,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         SimulationPaths,
         add_comparison,
         prepare_data,
+        prepare_pretrained,
         run_config,
         run_federation,
         summarize,
@@ -73,13 +81,16 @@ def run(args: argparse.Namespace) -> int:
         overrides["dp"] = False
     paths = SimulationPaths(args.out)
     data = prepare_data(args.data, paths, sites=args.sites, seed=args.seed)
+    console = Console(stderr=True)
+    choice = args.pretrain or ("none" if args.data or "pretrained" in overrides else "public")
+    overrides = prepare_pretrained(choice, paths, overrides, seed=args.seed, console=console)
     config = run_config(overrides, data=data, paths=paths)
     sites = sorted(p for p in data.iterdir() if p.is_dir())
-    console = Console(stderr=True)
     console.print(
         f"FedCT simulation: {len(sites)} hospitals ({', '.join(s.name for s in sites)})"
         f", {config['num-server-rounds']} rounds, "
         + (f"DP ε={config['epsilon']} per site" if config["dp"] else "no DP")
+        + (f", from {Path(config['pretrained']).name}" if config["pretrained"] else "")
     )
     run_federation(config, num_sites=len(sites), paths=paths, console=console)
     fed = FederationConfig.from_mapping(config)

@@ -62,3 +62,15 @@ def test_data_synth_writes_sites(tmp_path: Path) -> None:
     assert main(["data", "synth", "--sites", "1", "--scale", "0.05", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "hospital-a" / "labels.csv").is_file()
     assert main(["data", "synth", "--sites", "1", "--out", str(tmp_path)]) == 1  # not empty
+
+
+def test_pretrain_writes_weights_and_rejects_bad_arguments(
+    tiny_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "public.safetensors"
+    args = ["pretrain", str(tiny_site), "--out", str(out), "--epochs", "1"]
+    assert main([*args, "--set", "image-size=32"]) == 0
+    assert out.is_file()
+    assert f"pretrained={out.resolve()}" in capsys.readouterr().out
+    assert main(["pretrain", str(tiny_site), "--out", str(tmp_path / "w.pth")]) == 1
+    assert main(["pretrain", str(tmp_path / "absent"), "--out", str(out)]) == 1

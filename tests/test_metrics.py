@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from common.metrics import (
     auroc_from_histograms,
+    bin_edges,
     binary_metrics,
     roc_from_histograms,
     score_histograms,
@@ -19,7 +20,7 @@ def test_histogram_auroc_equals_sklearn_on_binned_scores() -> None:
     y = rng.random(500) < 0.3
     s = np.clip(rng.normal(0.4 + 0.3 * y, 0.2), 0, 1)
     bins = 50
-    binned = np.minimum((s * bins).astype(int), bins - 1)  # ties within a bin, as pooled
+    binned = np.digitize(s, bin_edges(bins)[1:-1])  # ties within a bin, as pooled
     assert auroc_from_histograms(score_histograms(s, y, bins=bins)) == pytest.approx(
         roc_auc_score(y, binned), abs=1e-12
     )
@@ -41,6 +42,26 @@ def test_pooled_histograms_match_pooled_scores_up_to_bin_width() -> None:
     assert fpr[0] == 0
     assert tpr[-1] == pytest.approx(1.0)
     assert np.trapezoid(tpr, fpr) == pytest.approx(auroc_from_histograms(pooled_hist))
+
+
+def test_confident_scores_keep_their_ranking() -> None:
+    # A confident model: nearly every score below 0.01 or above 0.99. Probability-wide bins
+    # would make almost all of them ties; log-odds bins keep the pooled AUROC.
+    rng = np.random.default_rng(2)
+    y = rng.random(1000) < 0.3
+    s = 1 / (1 + np.exp(-(rng.normal(-8, 1.5, 1000) + 1.5 * y)))
+    assert (s < 0.01).mean() > 0.9
+    exact = roc_auc_score(y, s)
+    assert auroc_from_histograms(score_histograms(s, y, bins=100)) == pytest.approx(exact, abs=0.01)
+
+
+def test_bin_edges_are_increasing_probabilities() -> None:
+    edges = bin_edges(100)
+    assert edges[0] == 0
+    assert edges[-1] == 1
+    assert len(edges) == 101
+    assert np.all(np.diff(edges) > 0)
+    assert edges[50] == pytest.approx(0.5)
 
 
 def test_one_class_gives_nan() -> None:

@@ -91,3 +91,62 @@ def test_config_errors_list_allowed_values() -> None:
         ModelConfig(architecture="vgg16")
     with pytest.raises(ConfigError, match="head"):
         ModelConfig(freeze="most")
+
+
+def _trained_like_batchnorm_resnet() -> nn.Module:
+    """A stock BatchNorm ResNet-18 with non-trivial running statistics, in eval mode."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=2)
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0, 0.1)
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return reference.eval()
+
+
+def test_folded_model_computes_exactly_the_pretrained_batchnorm_network(tmp_path: Path) -> None:
+    reference = _trained_like_batchnorm_resnet()
+    path = tmp_path / "public.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    model = build_model(ModelConfig(pretrained=path, norm="folded"))
+    assert not any(isinstance(m, nn.BatchNorm2d | nn.GroupNorm) for m in model.modules())
+    model.train()  # no normalisation left: train and eval mode compute the same function
+    assert ModuleValidator.validate(model, strict=False) == []
+    x = torch.randn(4, 3, 64, 64)
+    torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)  # head kept too
+
+    # The folded form (a FedCT global model's weights) loads as it is.
+    folded = tmp_path / "folded.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folded))
+    again = build_model(ModelConfig(pretrained=folded, norm="folded", in_channels=1))
+    assert again.conv1.bias is not None
+    gray = torch.randn(2, 1, 64, 64)
+    torch.testing.assert_close(
+        again(gray), reference(gray.expand(-1, 3, -1, -1)), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_folded_model_gets_true_per_sample_gradients_for_its_head() -> None:
+    model = build_model(ModelConfig(norm="folded", freeze="head")).train()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 1])
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    per_sample = model.fc.weight.grad_sample.clone()
+    gsm.remove_hooks()
+    gsm.cleanup()
+    for i in range(3):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        torch.testing.assert_close(per_sample[i], model.fc.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_groupnorm_weights_cannot_be_folded(tmp_path: Path) -> None:
+    gn = build_model(ModelConfig(weight_standardization=False))
+    path = tmp_path / "gn.safetensors"
+    save_file({k: v.contiguous() for k, v in gn.state_dict().items()}, str(path))
+    with pytest.raises(ConfigError, match='norm = "group"'):
+        build_model(ModelConfig(pretrained=path, norm="folded"))
+    with pytest.raises(ConfigError, match="folded"):
+        ModelConfig(norm="layer")

@@ -1,0 +1,180 @@
+"""Pretraining on *public* CT data, before any hospital takes part.
+
+DP-SGD from scratch cannot train an 11M-parameter ResNet on the few hundred slices a hospital
+holds: the noise that protects its patients is far larger than the gradient signal. The standard
+remedy (and the classic transfer-learning recipe) is a backbone trained without privacy on data
+that needs none, e.g. ImageNet or a public annotated CT collection such as LIDC-IDRI, then DP
+fine-tuning of a few layers at the hospitals. This module trains that backbone: torchvision's
+stock BatchNorm ResNet (it learns small CT data much better than GroupNorm does; see the README's
+learnability table) on one or more public folders in FedCT's hospital layout, and writes a
+torchvision-format state dict that the ``pretrained`` setting reads. With ``norm = "folded"``
+the federation's DP model computes exactly this network (each BatchNorm folded into its
+convolution).
+
+Nothing here may ever see a participating hospital's data: it trains without privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
+from tqdm import tqdm
+
+from client.training import evaluate
+from common.config import FederationConfig
+from common.dataset import CTSlices, site_dataset
+from common.errors import ConfigError
+from common.fileio import atomic_write
+from common.metrics import binary_metrics
+from common.seeding import derive_seed
+from common.site import load_site
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "fedct-pretraining"
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    path: Path
+    train_slices: int
+    held_out_slices: int
+    epochs: int
+    held_out_auroc: float  # on the public folders' own held-out patients
+    seconds: float
+
+
+def stock_resnet(fed: FederationConfig) -> torchvision.models.ResNet:
+    """torchvision's BatchNorm ResNet with the federation's classes and input channels."""
+    builder = getattr(torchvision.models, fed.model)
+    model: torchvision.models.ResNet = builder(num_classes=len(fed.class_names))
+    if fed.preprocess.channels == 1:
+        old = model.conv1
+        model.conv1 = nn.Conv2d(1, old.out_channels, 7, 2, 3, bias=False)
+    return model
+
+
+def pretrain(
+    public_sites: list[Path],
+    fed: FederationConfig,
+    out: Path,
+    *,
+    epochs: int = 10,
+    learning_rate: float = 1e-3,
+    cache_root: Path,
+    seed: int = 0,
+    progress: bool = True,
+) -> PretrainResult:
+    """Train a BatchNorm ResNet on the public folders and write its state dict to ``out``.
+
+    Adam with cosine decay and the federation's training augmentation; the split, grid and
+    windows are the federation's, so the weights fit its model and preprocessing.
+    """
+    if not public_sites:
+        raise ConfigError("pretraining needs at least one public data folder")
+    if epochs < 1:
+        raise ConfigError(f"pretraining epochs must be at least 1, got {epochs}")
+    start = time.perf_counter()
+    train_parts, held_out = [], []
+    for folder in public_sites:
+        site = load_site(
+            folder,
+            grid=fed.preprocess.grid,
+            cache_dir=cache_root / folder.name,
+            val_fraction=fed.val_fraction,
+            progress=progress,
+        )
+        classes, windows = fed.class_names, fed.preprocess.windows
+        train_parts.append(
+            site_dataset(site, "train", classes=classes, windows=windows, train=True, seed=seed)
+        )
+        held_out.append(
+            site_dataset(site, site.eval_split(), classes=classes, windows=windows, train=False)
+        )
+    train: ConcatDataset[tuple[torch.Tensor, int]] = ConcatDataset(train_parts)
+    torch.manual_seed(derive_seed(seed, "pretrain") % 2**31)
+    model = stock_resnet(fed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "pretrain-loader") % 2**63)
+    if len(train) < 2:
+        raise ConfigError(
+            f"the public folders hold {len(train)} training slices; pretraining needs many more"
+        )
+    # drop_last: a last batch of one slice would break BatchNorm's batch statistics
+    loader = DataLoader(
+        train, batch_size=min(32, len(train)), shuffle=True, drop_last=True, generator=generator
+    )
+    auroc = math.nan
+    for epoch in range(epochs):
+        for part in train_parts:
+            part.set_epoch(epoch)
+        model.train()
+        losses = []
+        bar = tqdm(loader, desc=f"pretraining epoch {epoch + 1}/{epochs}", disable=not progress)
+        for images, targets in bar:
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(images), targets)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        schedule.step()
+        auroc = _held_out_auroc(model, held_out)
+        log.info(
+            "pretraining epoch %d/%d: train loss %.3f, held-out AUROC %.3f",
+            epoch + 1,
+            epochs,
+            float(np.mean(losses)),
+            auroc,
+        )
+    model.eval()
+    result = PretrainResult(
+        out,
+        len(train),
+        sum(len(h) for h in held_out),
+        epochs,
+        auroc,
+        time.perf_counter() - start,
+    )
+    _save(model, fed, result)
+    return result
+
+
+def _held_out_auroc(model: nn.Module, held_out: list[CTSlices]) -> float:
+    results = [evaluate(model, data) for data in held_out if len(data)]
+    if not results:
+        return math.nan
+    scores = np.concatenate([r.probabilities[:, -1] for r in results])
+    positive = np.concatenate([r.targets == r.probabilities.shape[1] - 1 for r in results])
+    return binary_metrics(scores, positive).auroc
+
+
+def _save(model: nn.Module, fed: FederationConfig, result: PretrainResult) -> None:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    about = {
+        "architecture": fed.model,
+        "classes": fed.classes,
+        "windows": fed.windows,
+        "image-size": fed.image_size,
+        "epochs": result.epochs,
+        "train-slices": result.train_slices,
+        "held-out-auroc": round(result.held_out_auroc, 4),
+    }
+    result.path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(
+        result.path,
+        lambda tmp: save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(about)}),
+        mode=0o644,
+    )

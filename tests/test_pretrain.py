@@ -1,0 +1,63 @@
+"""Public pretraining: a BatchNorm ResNet on public folders, folded into the federation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from common.config import FederationConfig
+from common.errors import ConfigError
+from common.models import build_model
+from server.pretrain import METADATA_KEY, pretrain, stock_resnet
+from tests.conftest import write_tiny_site
+
+
+def test_pretrained_weights_start_the_federation_exactly(tmp_path: Path, tiny_site: Path) -> None:
+    second = write_tiny_site(tmp_path / "public-b", seed=3, index=1)
+    fed = FederationConfig(image_size=32)
+    out = tmp_path / "weights" / "public.safetensors"
+    result = pretrain(
+        [tiny_site, second], fed, out, epochs=2, cache_root=tmp_path / "cache", progress=False
+    )
+    assert result.path == out
+    assert out.is_file()
+    assert result.train_slices > 0
+    assert result.held_out_slices > 0
+    assert math.isnan(result.held_out_auroc) or 0.0 <= result.held_out_auroc <= 1.0
+    with safe_open(str(out), framework="pt") as handle:
+        about = json.loads(handle.metadata()[METADATA_KEY])
+        state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    assert about["image-size"] == 32
+    assert about["classes"] == fed.classes
+    assert any(k.endswith("running_var") for k in state)  # BatchNorm statistics to fold
+
+    # The federation's DP model (norm auto -> folded) computes the pretrained network itself.
+    started = FederationConfig(image_size=32, pretrained=str(out))
+    assert started.resolved_norm == "folded"
+    model = build_model(started.model_config).eval()
+    reference = stock_resnet(fed)
+    reference.load_state_dict(state)
+    reference.eval()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_pretraining_refuses_what_it_cannot_use(tmp_path: Path, tiny_site: Path) -> None:
+    fed = FederationConfig(image_size=32)
+    with pytest.raises(ConfigError, match="at least one public"):
+        pretrain([], fed, tmp_path / "w.safetensors", cache_root=tmp_path)
+    with pytest.raises(ConfigError, match="epochs"):
+        pretrain([tiny_site], fed, tmp_path / "w.safetensors", epochs=0, cache_root=tmp_path)
+
+
+def test_folded_norm_needs_pretrained_weights() -> None:
+    with pytest.raises(ConfigError, match="fedct pretrain"):
+        FederationConfig(norm="folded")
+    assert FederationConfig().resolved_norm == "group"
+    with pytest.raises(ConfigError, match="norm must be"):
+        FederationConfig(norm="batch")
