@@ -71,3 +71,37 @@ def test_simulation_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     assert spent_before < entries[-1]["epsilon"] <= 8.0 + 1e-9
     assert not math.isnan(json.loads((out / "summary.json").read_text())["pooled_auroc"])
     assert _ray_processes() == before  # nothing left running
+
+
+def test_simulation_fine_tunes_only_the_head_of_pretrained_weights(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from common.config import FederationConfig
+    from common.models import build_model
+    from server.pretrain import pretrain
+
+    data = tmp_path / "data"
+    for i in range(2):
+        write_tiny_site(data / f"site-{i}", index=i, patients=8, slices=4, matrix=48)
+    public = write_tiny_site(tmp_path / "public" / "lidc-like", seed=5, index=2, matrix=48)
+    weights = tmp_path / "public.safetensors"
+    pretrain([public], FederationConfig(image_size=32), weights, epochs=1, cache_root=tmp_path)
+    out = tmp_path / "out"
+    args = ["simulate", "--data", str(data), "--out", str(out), "--image-size", "32"]
+    args += ["--pretrain", str(weights), "--rounds", "1", "--set", "min-eval-cases=1"]
+    args += ["--set", "batch-size=8"]
+    assert main(args) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1
+    assert all(0 < s["epsilon"] <= 8.0 for s in summary["sites"].values())
+    started = FederationConfig(image_size=32, pretrained=str(weights), freeze="head")
+    start = {k: v.numpy() for k, v in build_model(started.model_config).state_dict().items()}
+    final = load_file(str(out / "federation" / "final_model.safetensors"))
+    assert set(final) == set(start)  # the folded structure went through Flower unchanged
+    for key, value in start.items():
+        if key.startswith("fc."):
+            assert not (final[key] == value).all(), f"{key} was not trained"
+        else:
+            assert (final[key] == value).all(), f"frozen {key} changed"
+    assert "from pretrained public.safetensors (head only)" in (out / "report.html").read_text()
