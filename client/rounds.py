@@ -207,7 +207,11 @@ def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) ->
     }
     true_positive = positive & (scores >= 0.5)
     rows = data.indices(split)
-    metrics.update(cam_localization(model, data, dataset, rows, true_positive, positive_class))
+    try:
+        metrics.update(cam_localization(model, data, dataset, rows, true_positive, positive_class))
+    except Exception as err:  # an explanation must never cost the round its evaluation
+        log.warning("Grad-CAM localisation failed (%s); reporting the evaluation without it", err)
+        metrics.update({"cam-slices": 0, "cam-pointing": math.nan, "cam-energy": math.nan})
     return metrics
 
 

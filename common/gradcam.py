@@ -31,6 +31,9 @@ def cam_maps(
     if method not in METHODS:
         raise ConfigError(f"unknown CAM method {method!r}; choose one of {sorted(METHODS)}")
     was_training = model.training
+    # A frozen backbone (freeze = "head") builds no graph up to the target layer unless the
+    # input itself asks for gradients; without one the library finds no gradient to weight.
+    images = images.detach().clone().requires_grad_(True)
     try:
         with METHODS[method](model=model, target_layers=[last_conv_stage(model)]) as cam:
             maps = cam(

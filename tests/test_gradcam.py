@@ -54,3 +54,15 @@ def test_lesion_masks_come_onto_the_grid(tiny_site: Path) -> None:
     masks = [site.lesion_mask(i) for i in positives]
     assert all(m is not None and m.shape == (32, 32) and m.any() for m in masks)
     assert all(site.lesion_mask(i) is None for i in negatives)
+
+
+@pytest.mark.parametrize("norm", ["group", "folded"])
+def test_cam_works_on_a_model_with_a_frozen_backbone(norm: str) -> None:
+    model = build_model(ModelConfig(freeze="head", norm=norm)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    maps = cam_maps(model, images, target_class=1)
+    assert maps.shape == (2, 64, 64)
+    assert np.isfinite(maps).all()
+    if norm == "group":  # a random norm-free network may rightly give an all-zero map
+        assert maps.max() > 0
+    assert not images.requires_grad  # the caller's tensor is untouched
