@@ -36,7 +36,7 @@ class FederationConfig:
     physical_batch_size: int = 32
     max_grad_norm: float = 1.0
     model: str = "resnet18"
-    image_size: int = 64
+    image_size: int = 96
     target_spacing_mm: float = 0.0  # 0: fit the whole field of view
     windows: str = "lung,mediastinum,bone"
     classes: str = "normal,nodule"

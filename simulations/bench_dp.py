@@ -5,7 +5,11 @@ private step (same batch) and reports images/second, the DP/non-private step-tim
 DP's extra memory: the per-sample gradients Opacus holds, against batch x trainable-parameter
 bytes (the unavoidable minimum of per-sample clipping).
 
-    python -m simulations.bench_dp [--sizes 96 128 224] [--freeze none last1] [--steps 4]
+    python -m simulations.bench_dp [--sizes 96 128 224] [--freeze none last1 head]
+        [--norm group folded] [--steps 4]
+
+``--norm folded`` is the structure a pretrained BatchNorm ResNet takes in FedCT (BatchNorm folded
+into biased convolutions); with ``--freeze head`` it is FedCT's recommended DP fine-tuning.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ def _step_time(
     return time.perf_counter() - start
 
 
-def bench(size: int, freeze: str, batch: int, steps: int) -> dict[str, float | int | str]:
+def bench(
+    size: int, freeze: str, norm: str, batch: int, steps: int
+) -> dict[str, float | int | str]:
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,))
-    plain = build_model(ModelConfig(freeze=freeze))
-    private = build_model(ModelConfig(freeze=freeze))
+    plain = build_model(ModelConfig(freeze=freeze, norm=norm))
+    private = build_model(ModelConfig(freeze=freeze, norm=norm))
     private.load_state_dict(plain.state_dict())
     plain_opt = torch.optim.SGD([p for p in plain.parameters() if p.requires_grad], lr=0.01)
     gsm = GradSampleModule(private)
@@ -75,6 +81,7 @@ def bench(size: int, freeze: str, batch: int, steps: int) -> dict[str, float | i
     return {
         "image_size": size,
         "freeze": freeze,
+        "norm": norm,
         "batch": batch,
         "trainable_params": sum(p.numel() for p in trainable),
         "plain_images_per_s": round(batch / plain_s, 1),
@@ -88,15 +95,22 @@ def bench(size: int, freeze: str, batch: int, steps: int) -> dict[str, float | i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128, 224])
-    parser.add_argument("--freeze", nargs="+", default=["none", "last1"])
+    parser.add_argument("--freeze", nargs="+", default=["none", "last1", "head"])
+    parser.add_argument("--norm", nargs="+", default=["group"], choices=["group", "folded"])
     parser.add_argument("--batch", type=int, default=16, help="physical batch per step")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = [bench(s, f, args.batch, args.steps) for s in args.sizes for f in args.freeze]
+    rows = [
+        bench(s, f, n, args.batch, args.steps)
+        for s in args.sizes
+        for n in args.norm
+        for f in args.freeze
+    ]
     header = (
         "size",
+        "norm",
         "freeze",
         "plain img/s",
         "DP img/s",
@@ -111,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(v)
                 for v in (
                     r["image_size"],
+                    r["norm"],
                     r["freeze"],
                     r["plain_images_per_s"],
                     r["dp_images_per_s"],
