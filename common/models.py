@@ -184,7 +184,7 @@ def load_pretrained(model: ResNet, path: Path) -> None:
     The classifier head is kept only where it has this model's shape (a head trained on the
     same classes); ImageNet's 1000-class head is left as initialised.
     """
-    state = read_state_dict(path)
+    state = _as_rgb_input(read_state_dict(path))
     own = model.state_dict()
     converted: dict[str, Tensor] = _matching_head(state, own, path)
     for key, value in state.items():
@@ -220,7 +220,7 @@ def load_folded(model: ResNet, path: Path) -> None:
     There is no library function for this on state dicts: ``torch.nn.utils.fuse_conv_bn_weights``
     fuses one pair of tensors, and is what each fold below uses.
     """
-    state = read_state_dict(path)
+    state = _as_rgb_input(read_state_dict(path))
     own = model.state_dict()
     loaded: dict[str, Tensor] = _matching_head(state, own, path)
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -322,6 +322,17 @@ def read_state_dict(path: Path) -> Mapping[str, Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError(f"{path} is not a state dict of tensors")
     return state
+
+
+def _as_rgb_input(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A one-channel first convolution (e.g. pretrained on a single CT window) spread evenly over
+    three input channels: the factory builds RGB first, and summing back to one channel (as
+    :func:`_to_one_channel` does) then restores the file's filters exactly."""
+    out = dict(state)
+    first = out.get("conv1.weight")
+    if first is not None and first.shape[1] == 1:
+        out["conv1.weight"] = first.expand(-1, 3, -1, -1) / 3
+    return out
 
 
 def _to_one_channel(model: ResNet) -> None:

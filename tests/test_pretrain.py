@@ -61,3 +61,19 @@ def test_folded_norm_needs_pretrained_weights() -> None:
     assert FederationConfig().resolved_norm == "group"
     with pytest.raises(ConfigError, match="norm must be"):
         FederationConfig(norm="batch")
+
+
+def test_one_window_pretraining_fits_a_one_channel_federation(
+    tmp_path: Path, tiny_site: Path
+) -> None:
+    fed = FederationConfig(image_size=32, windows="lung")
+    out = tmp_path / "lung.safetensors"
+    pretrain([tiny_site], fed, out, epochs=1, cache_root=tmp_path / "cache", progress=False)
+    started = FederationConfig(image_size=32, windows="lung", pretrained=str(out))
+    model = build_model(started.model_config).eval()
+    reference = stock_resnet(fed)
+    with safe_open(str(out), framework="pt") as handle:
+        reference.load_state_dict({k: handle.get_tensor(k) for k in handle.keys()})  # noqa: SIM118
+    reference.eval()
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)
