@@ -8,6 +8,7 @@ stopped before this returns, so nothing is left running. Meanwhile the parent fo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -112,8 +113,6 @@ def prepare_pretrained(
 
 
 def _pretraining_key(fed: FederationConfig) -> str:
-    import hashlib
-
     about = f"{fed.model}|{fed.image_size}|{fed.windows}|{fed.classes}|{fed.target_spacing_mm}"
     return f"{fed.model}-{fed.image_size}px-{hashlib.sha256(about.encode()).hexdigest()[:8]}"
 

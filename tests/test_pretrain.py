@@ -77,3 +77,21 @@ def test_one_window_pretraining_fits_a_one_channel_federation(
     reference.eval()
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_simulation_start_settings(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from common.errors import FedCTError
+    from simulations.simulate import PRETRAINED_FINE_TUNING, SimulationPaths, prepare_pretrained
+
+    paths, console = SimulationPaths(tmp_path), Console(quiet=True)
+    assert prepare_pretrained("none", paths, {"seed": 1}, seed=1, console=console) == {"seed": 1}
+    with pytest.raises(FedCTError, match="no such weights file"):
+        prepare_pretrained(str(tmp_path / "absent.pth"), paths, {}, seed=0, console=console)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # only its existence matters here
+    chosen = prepare_pretrained(str(weights), paths, {"freeze": "last1"}, seed=0, console=console)
+    assert chosen["pretrained"] == str(weights.resolve())
+    assert chosen["freeze"] == "last1"  # the user's setting wins over the recipe
+    assert chosen["learning-rate"] == PRETRAINED_FINE_TUNING["learning-rate"]
