@@ -89,23 +89,31 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
-def _standardize_convolutions(module: nn.Module) -> None:
+def _replace_convolutions(
+    module: nn.Module, kind: type[nn.Conv2d], *, bias: bool | None = None
+) -> None:
+    """Swap every plain ``nn.Conv2d`` under ``module`` for one of ``kind`` with the same geometry
+    and weights; ``bias=True`` adds a zero bias where there was none."""
     for name, child in module.named_children():
-        if type(child) is nn.Conv2d:
-            ws = WSConv2d(
-                child.in_channels,
-                child.out_channels,
-                child.kernel_size,  # type: ignore[arg-type]
-                child.stride,  # type: ignore[arg-type]
-                child.padding,  # type: ignore[arg-type]
-                child.dilation,  # type: ignore[arg-type]
-                child.groups,
-                child.bias is not None,
-            )
-            ws.load_state_dict(child.state_dict())
-            setattr(module, name, ws)
-        else:
-            _standardize_convolutions(child)
+        if type(child) is not nn.Conv2d:
+            _replace_convolutions(child, kind, bias=bias)
+            continue
+        has_bias = child.bias is not None
+        conv = kind(
+            child.in_channels,
+            child.out_channels,
+            child.kernel_size,  # type: ignore[arg-type]
+            child.stride,  # type: ignore[arg-type]
+            child.padding,  # type: ignore[arg-type]
+            child.dilation,  # type: ignore[arg-type]
+            child.groups,
+            has_bias or bool(bias),
+        )
+        with torch.no_grad():
+            conv.weight.copy_(child.weight)
+            if conv.bias is not None:
+                conv.bias.copy_(child.bias if has_bias else torch.zeros_like(conv.bias))
+        setattr(module, name, conv)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -151,7 +159,7 @@ def build_model(cfg: ModelConfig) -> ResNet:
     if cfg.norm == "folded":
         # No normalisation layers; every convolution gets the bias a folded BatchNorm leaves.
         model = ResNet(block, layers, num_classes=cfg.num_classes, norm_layer=_no_norm)
-        _bias_convolutions(model)
+        _replace_convolutions(model, nn.Conv2d, bias=True)
     else:
         # zero_init_residual: each block starts as the identity, which GroupNorm ResNets need
         # to train stably from scratch (no batch statistics tame the residual sums).
@@ -173,7 +181,7 @@ def build_model(cfg: ModelConfig) -> ResNet:
     if cfg.in_channels == 1:
         _to_one_channel(model)
     if cfg.weight_standardization and cfg.norm == "group":
-        _standardize_convolutions(model)
+        _replace_convolutions(model, WSConv2d)
     apply_freeze(model, cfg.freeze)
     return model
 
@@ -281,25 +289,6 @@ def _matching_head(
 
 def _no_norm(channels: int) -> nn.Module:
     return nn.Identity()
-
-
-def _bias_convolutions(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if type(child) is nn.Conv2d and child.bias is None:
-            conv = nn.Conv2d(
-                child.in_channels,
-                child.out_channels,
-                child.kernel_size,  # type: ignore[arg-type]
-                child.stride,  # type: ignore[arg-type]
-                child.padding,  # type: ignore[arg-type]
-                bias=True,
-            )
-            with torch.no_grad():
-                conv.weight.copy_(child.weight)
-                conv.bias.zero_()  # type: ignore[union-attr]
-            setattr(module, name, conv)
-        else:
-            _bias_convolutions(child)
 
 
 def read_state_dict(path: Path) -> Mapping[str, Tensor]:
