@@ -112,7 +112,7 @@ def _replace_convolutions(
         with torch.no_grad():
             conv.weight.copy_(child.weight)
             if conv.bias is not None:
-                conv.bias.copy_(child.bias if has_bias else torch.zeros_like(conv.bias))
+                conv.bias.copy_(child.bias if child.bias is not None else 0.0)
         setattr(module, name, conv)
 
 
