@@ -98,7 +98,6 @@ def _replace_convolutions(
         if type(child) is not nn.Conv2d:
             _replace_convolutions(child, kind, bias=bias)
             continue
-        has_bias = child.bias is not None
         conv = kind(
             child.in_channels,
             child.out_channels,
@@ -107,12 +106,14 @@ def _replace_convolutions(
             child.padding,  # type: ignore[arg-type]
             child.dilation,  # type: ignore[arg-type]
             child.groups,
-            has_bias or bool(bias),
+            child.bias is not None or bool(bias),
         )
         with torch.no_grad():
             conv.weight.copy_(child.weight)
-            if conv.bias is not None:
-                conv.bias.copy_(child.bias if child.bias is not None else 0.0)
+            if conv.bias is not None and child.bias is not None:
+                conv.bias.copy_(child.bias)
+            elif conv.bias is not None:
+                conv.bias.zero_()
         setattr(module, name, conv)
 
 
