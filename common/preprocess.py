@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # torch is imported where windows are applied: cache-building
     import torch
 
 # Bump when to_model_grid's output changes for the same inputs: it invalidates every site cache.
-GRID_VERSION = 1
+GRID_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -133,15 +133,37 @@ def to_model_grid(
     if (out_rows, out_cols) != (rows, cols):
         # cv2's INTER_AREA is the standard anti-aliased downsampler and ~10x faster than
         # torch's antialiased interpolate on the CPU; upsampling uses bilinear.
+        image = hu.astype(np.float32, copy=False)
         method = interpolation
         if interpolation == cv2.INTER_AREA and (out_rows > rows or out_cols > cols):
             method = cv2.INTER_LINEAR
-        resized = cv2.resize(
-            hu.astype(np.float32, copy=False), (out_cols, out_rows), interpolation=method
-        )
+        elif interpolation == cv2.INTER_AREA:
+            image = _integer_area_reduce(image, out_rows, out_cols)
+        resized = cv2.resize(image, (out_cols, out_rows), interpolation=method)
     else:
         resized = hu.astype(np.float32, copy=False)
     return _center_on_grid(resized, size, fill)
+
+
+def _integer_area_reduce(image: np.ndarray, out_rows: int, out_cols: int) -> np.ndarray:
+    """Shrink ``image`` by the largest power-of-two factor that divides its size and stays at or
+    above ``(out_rows, out_cols)``, by block averaging.
+
+    cv2's INTER_AREA averages whole blocks ~4-10x faster than it resamples by a fractional factor
+    (512 -> 128 px takes a quarter of the time of 512 -> 96), so the fractional remainder is
+    left to a second INTER_AREA on the smaller image. Both stages are box filters, so the result
+    stays anti-aliased. Even blocks cancel the finest (one-pixel) pattern exactly; an odd block
+    would leave a ripple of 1/factor of it, more than one fractional pass leaves.
+    """
+    rows, cols = image.shape
+    factor = 1
+    while rows // (factor * 2) >= out_rows and cols // (factor * 2) >= out_cols:
+        if rows % (factor * 2) or cols % (factor * 2):
+            break
+        factor *= 2
+    if factor < 2:
+        return image
+    return cv2.resize(image, (cols // factor, rows // factor), interpolation=cv2.INTER_AREA)
 
 
 def _center_on_grid(image: np.ndarray, size: int, fill: float) -> np.ndarray:

@@ -4,7 +4,8 @@ frame cache, on the same files in one run. Rounds alternate a, b, c so machine n
 three alike; the median round is reported. FedCT's preprocessing is timed as it runs (one worker
 process per CPU once a site has enough files to repay starting them) and in one process.
 
-    python -m simulations.bench_ingest [--data SITE] [--image-size 128] [--rounds 5] [--json F]
+    python -m simulations.bench_ingest [--data SITE] [--image-size 128] [--rounds 5]
+        [--patients 8] [--slices N] [--json F]
 
 Without ``--data`` it writes one synthetic site per transfer syntax (uncompressed 512x512,
 JPEG 2000 384x384, RLE 256x256) into a temporary folder.
@@ -28,7 +29,7 @@ import pydicom
 from common.frame_cache import decode_site
 from common.labels import discover
 from common.preprocess import GridConfig
-from simulations.synth import PROFILES, write_hospital
+from simulations.synth import PROFILES, HospitalProfile, write_hospital
 
 
 def _time(fn: Callable[[], int]) -> float:
@@ -77,12 +78,24 @@ def bench_site(site: Path, grid: GridConfig, rounds: int, cache: Path) -> dict[s
     }
 
 
+def _sized(profile: HospitalProfile, patients: int, slices: int | None) -> HospitalProfile:
+    """``profile`` with ``patients`` patients and ``slices`` slices each over the same length of
+    chest (denser slices, as a clinical scan has, rather than a longer body)."""
+    if not slices:
+        return replace(profile, patients=patients)
+    spacing = profile.spacing_mm * (profile.slices - 1) / max(1, slices - 1)
+    return replace(profile, patients=patients, slices=slices, spacing_mm=spacing)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, action="append", help="site folder(s) to read")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--patients", type=int, default=8, help="per synthetic site")
+    parser.add_argument(
+        "--slices", type=int, help="slices per synthetic patient (default: each profile's own)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     grid = GridConfig(args.image_size)
@@ -94,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 site = Path(tmp) / f"bench-{i}"
                 write_hospital(
                     site,
-                    replace(profile, patients=args.patients),
+                    _sized(profile, args.patients, args.slices),
                     seed=0,
                     site_index=i,
                     progress=False,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -30,6 +31,25 @@ def test_non_square_pixels_use_physical_size() -> None:
     out = to_model_grid(hu, (2.0, 1.0), GridConfig(50))  # 200 mm tall, 100 mm wide
     water_cols = np.where(np.isclose(out[25], 0.0))[0]
     assert 24 <= len(water_cols) <= 26
+
+
+@pytest.mark.parametrize("matrix", [512, 384, 500, 200])
+def test_downsampling_is_anti_aliased_and_keeps_the_mean(matrix: int) -> None:
+    # One-pixel stripes alias into bold bands under plain interpolation; an area (box) filter,
+    # in one fractional pass or a whole-factor pass then a fractional one, averages them out
+    # (as well as OpenCV's single fractional INTER_AREA pass does).
+    hu = np.zeros((matrix, matrix), dtype=np.float32)
+    hu[:, ::2] = 1000.0
+    out = to_model_grid(hu, (0.7, 0.7), GridConfig(96))
+    assert out.shape == (96, 96)
+    one_pass = cv2.resize(hu, (96, 96), interpolation=cv2.INTER_AREA)
+    aliased = cv2.resize(hu, (96, 96), interpolation=cv2.INTER_NEAREST)
+    assert np.abs(aliased - 500.0).max() == 500.0
+    assert np.abs(out - 500.0).max() <= np.abs(one_pass - 500.0).max() + 5.0
+    assert abs(float(out.mean()) - 500.0) < 5.0
+    ramp = np.tile(np.linspace(-1000, 1000, matrix, dtype=np.float32), (matrix, 1))
+    smooth = to_model_grid(ramp, (0.7, 0.7), GridConfig(96))
+    assert np.allclose(smooth[48], np.linspace(-1000, 1000, 96), atol=25.0)
 
 
 def test_target_spacing_resamples_and_crops() -> None:
