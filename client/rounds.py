@@ -13,24 +13,31 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.models.resnet import ResNet
 
-from client.privacy import BudgetExhaustedError, Ledger, PrivacyBudget, default_delta
-from client.training import TrainConfig, evaluate, sample_rate, steps_per_epoch, train_local
 from common.config import FederationConfig, SiteConfig
 from common.dataset import CTSlices, site_dataset
 from common.errors import FedCTError
-from common.gradcam import cam_maps, localization
+from common.evaluation import evaluate
 from common.metrics import binary_metrics, score_histograms
 from common.models import build_model
 from common.seeding import derive_seed
 from common.site import SiteData, load_site
 from common.weights import Weights, load_weights, model_weights, weight_problem
 
+if TYPE_CHECKING:
+    from client.privacy import Ledger
+    from client.training import TrainConfig
+
 log = logging.getLogger(__name__)
+
+# Training imports Opacus, evaluation imports the Grad-CAM package: each is imported by the one
+# function that needs it. Flower starts a fresh ClientApp process for every message, so a
+# training message does not pay for Grad-CAM nor an evaluation message for Opacus.
 
 Metrics = dict[str, int | float | list[int] | list[float]]
 
@@ -78,6 +85,8 @@ def _global_model(fed: FederationConfig, weights: Weights) -> ResNet:
 
 def train_config(fed: FederationConfig) -> TrainConfig:
     """A round's local training settings, from the federation's."""
+    from client.training import TrainConfig
+
     return TrainConfig(
         epochs=fed.local_epochs,
         learning_rate=fed.learning_rate,
@@ -97,6 +106,9 @@ def train_round(
     server_round: int,
     progress: bool = False,
 ) -> TrainReply:
+    from client.privacy import BudgetExhaustedError, Ledger, PrivacyBudget, default_delta
+    from client.training import sample_rate, steps_per_epoch, train_local
+
     data = open_site(site, fed)
     dataset = site_dataset(
         data,
@@ -227,6 +239,8 @@ def cam_localization(
 ) -> Metrics:
     """Grad-CAM pointing-game hit rate and energy inside the lesion on true-positive slices
     that have a mask (at most ``limit``); only these averages and a count leave the site."""
+    from common.gradcam import cam_maps, localization
+
     chosen: list[tuple[int, np.ndarray]] = []
     for i in np.flatnonzero(true_positive):
         mask = data.lesion_mask(int(rows[i]))

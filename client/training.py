@@ -68,15 +68,6 @@ class TrainResult:
     sample_rate: float
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    examples: int
-    loss: float
-    accuracy: float
-    probabilities: np.ndarray  # (N, C) softmax scores; stay at the site
-    targets: np.ndarray  # (N,)
-
-
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Steps of one epoch: as many as the plain loader has batches (Opacus' DPDataLoader keeps
     that number of Poisson-sampled batches)."""
@@ -228,28 +219,3 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def _proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
     terms = [((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor]
     return 0.5 * mu * torch.stack(terms).sum()
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset: Dataset[tuple[torch.Tensor, int]],
-    *,
-    batch_size: int = 128,
-    device: torch.device | str = "cpu",
-) -> EvalResult:
-    """Loss, accuracy and per-example class probabilities of ``model`` on ``dataset``."""
-    model.to(device).eval()
-    probs, targets, total_loss = [], [], 0.0
-    for images, labels in DataLoader(dataset, batch_size=batch_size):
-        logits = model(images.to(device))
-        labels = labels.to(device)
-        total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        probs.append(torch.softmax(logits, dim=1).cpu())
-        targets.append(labels.cpu())
-    n = sum(len(t) for t in targets)
-    if n == 0:
-        return EvalResult(0, math.nan, math.nan, np.zeros((0, 0)), np.zeros(0, dtype=np.int64))
-    p = torch.cat(probs).numpy()
-    y = torch.cat(targets).numpy()
-    return EvalResult(n, total_loss / n, float((p.argmax(1) == y).mean()), p, y)

@@ -42,6 +42,7 @@ def weight_problem(
     if missing or extra:
         return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})"
     squared = 0.0
+    scratch = np.empty(_BLOCK, dtype=np.float32)
     for key, ref in reference.items():
         value = np.asarray(weights[key])
         if value.shape != ref.shape:
@@ -50,13 +51,29 @@ def weight_problem(
             return f"{key} has dtype {value.dtype}, expected floating point"
         # One pass for both checks: a NaN or infinity anywhere makes the squared distance
         # non-finite (the reference is finite); only then is the exact reason looked for.
-        diff = (value - ref).ravel()
-        key_squared = float(np.dot(diff, diff))
+        key_squared = _squared_distance(value, ref, scratch)
         if not np.isfinite(key_squared):
             if not np.isfinite(value).all():
                 return f"{key} has non-finite values"
-            key_squared = float(np.sum(np.square(diff, dtype=np.float64)))
+            diff = value.astype(np.float64) - ref  # finite but overflowing float32
+            key_squared = float(np.dot(diff.ravel(), diff.ravel()))
         squared += key_squared
     if max_distance is not None and squared > max_distance**2:
         return f"update norm {np.sqrt(squared):.3g} exceeds the limit {max_distance:g}"
     return None
+
+
+# Differences are taken a block at a time into one cache-sized scratch buffer: no model-sized
+# temporary per update, and the dot product reads the block while it is still in cache.
+_BLOCK = 1 << 18  # float32 values (1 MiB)
+
+
+def _squared_distance(value: np.ndarray, ref: np.ndarray, scratch: np.ndarray) -> float:
+    flat_value, flat_ref = value.reshape(-1), ref.reshape(-1)
+    total = 0.0
+    for start in range(0, flat_ref.size, _BLOCK):
+        stop = min(start + _BLOCK, flat_ref.size)
+        diff = scratch[: stop - start]
+        np.subtract(flat_value[start:stop], flat_ref[start:stop], out=diff)
+        total += float(np.dot(diff, diff))
+    return total

@@ -31,11 +31,11 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
-from client.training import evaluate
 from common.augment import AugmentConfig
 from common.config import FederationConfig
 from common.dataset import CTSlices, site_dataset
 from common.errors import ConfigError
+from common.evaluation import evaluate
 from common.fileio import atomic_write
 from common.metrics import binary_metrics
 from common.seeding import derive_seed

@@ -6,7 +6,9 @@ The mixin adds what a hospital federation needs around Flower's aggregation:
 - every update is validated (keys, shapes, dtypes, finite values, update norm) and excluded from
   the round with a logged reason when it fails; fewer than ``min-sites`` good updates keep the
   previous model;
-- float16 transfers are cast to float32 before aggregation;
+- float16 transfers are aggregated in float32;
+- FedAvg/FedProx's weighted mean is summed straight from the validated updates' bytes
+  (server/aggregate.py), keeping Flower's reply checks and metrics hook;
 - evaluation pools the sites' score histograms into an exact pooled AUROC (up to bin width);
 - ``end_of_round`` (Flower's evaluate_fn hook) checkpoints the model and server state and
   appends the round to ``metrics.jsonl``; a resumed run continues its round numbering.
@@ -20,7 +22,7 @@ import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -38,9 +40,14 @@ from flwr.serverapp.strategy import (
 from common.config import FederationConfig
 from common.metrics import auroc_from_histograms
 from common.weights import Weights, weight_problem
+from server.aggregate import WeightedMean
 from server.checkpoints import CheckpointStore, ServerState, append_metrics
 
 log = logging.getLogger(__name__)
+
+# Strategies whose aggregation is exactly FedAvg's weighted mean (FedProx differs only on the
+# client): FedCT sums their updates itself, from the validated views (server/aggregate.py).
+STREAMED_MEAN = frozenset({"fedavg", "fedprox"})
 
 
 class FedCTMixin:
@@ -118,7 +125,7 @@ class FedCTMixin:
         # wall time from sending the model to having every reply: local training plus the
         # federation's overhead (process start, serialization, transfer), before aggregation
         self.round_log["train-phase-seconds"] = round(time.time() - self.round_start, 3)
-        usable: list[Message] = []
+        usable: list[tuple[Message, Weights]] = []
         for msg in replies:
             if msg.has_error():
                 reason = msg.error.reason.splitlines()[0][:300] if msg.error.reason else "error"
@@ -141,13 +148,13 @@ class FedCTMixin:
                     metrics.get("epsilon", 0),
                 )
                 continue
-            problem = self._invalid(msg)
+            problem, update = self._check_update(msg, metrics)
             if problem is not None:
                 self.round_log["excluded"][site] = problem
                 log.warning("round %d: update from %s excluded: %s", actual, site, problem)
                 continue
             self.round_log["train"][site] = metrics
-            usable.append(msg)
+            usable.append((msg, update))
         if len(usable) < self.fed.min_sites:
             log.warning(
                 "round %d: only %d usable update(s), %d required; keeping the previous model",
@@ -156,27 +163,54 @@ class FedCTMixin:
                 self.fed.min_sites,
             )
             return None, None
-        return super().aggregate_train(actual, usable)  # type: ignore[misc]
+        if self.fed.strategy in STREAMED_MEAN:
+            return self._weighted_mean(usable)
+        for msg, update in usable:  # Flower's strategies aggregate in the dtype they are given
+            record = msg.content.array_records["arrays"]
+            for key, value in update.items():
+                if value.dtype != np.float32:
+                    record[key] = Array(value.astype(np.float32))
+        return super().aggregate_train(actual, [m for m, _ in usable])  # type: ignore[misc]
+
+    def _weighted_mean(
+        self, usable: list[tuple[Message, Weights]]
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """FedAvg's aggregation (Flower's reply checks, weighted mean, metrics hook), with the
+        mean summed from the validated views (:mod:`server.aggregate`)."""
+        messages = [m for m, _ in usable]
+        self._check_and_log_replies(messages, is_train=True)  # type: ignore[attr-defined]
+        key = self.weighted_by_key  # type: ignore[attr-defined]
+        weights = [float(cast(float, m.content.metric_records["metrics"][key])) for m in messages]
+        mean = WeightedMean(self.global_weights, sum(weights))
+        for (_, update), weight in zip(usable, weights, strict=True):
+            mean.add(update, weight)
+        arrays = ArrayRecord({k: Array(v) for k, v in mean.result().items()})
+        metrics = self.train_metrics_aggr_fn(  # type: ignore[attr-defined]
+            [m.content for m in messages], key
+        )
+        return arrays, metrics
 
     def _site_of(self, msg: Message) -> str:
         name = str(msg.content.config_records["site"]["name"])
         self.node_sites[msg.metadata.src_node_id] = name
         return name
 
-    def _invalid(self, msg: Message) -> str | None:
+    def _check_update(self, msg: Message, metrics: dict[str, Any]) -> tuple[str | None, Weights]:
+        """Why the reply's update cannot be aggregated (or None), and read-only views of it."""
+        examples = metrics.get("num-examples")
+        if isinstance(examples, bool) or not isinstance(examples, int | float) or examples <= 0:
+            return f"num-examples must be a positive number, got {examples!r}", {}
         records = msg.content.array_records
         if "arrays" not in records:
-            return "no model update in the reply"
-        weights = {k: _view(v) for k, v in records["arrays"].items()}
+            return "no model update in the reply", {}
+        try:
+            weights = {k: _view(v) for k, v in records["arrays"].items()}
+        except ValueError as err:
+            return f"unreadable array ({err})", {}
         problem = weight_problem(
             weights, self.global_weights, max_distance=self.fed.max_update_norm
         )
-        if problem is None:  # aggregate in float32 whatever crossed the wire
-            record = records["arrays"]
-            for key, value in weights.items():
-                if value.dtype != np.float32:
-                    record[key] = Array(value.astype(np.float32))
-        return problem
+        return problem, weights
 
     # -- evaluation ---------------------------------------------------------------------
     def aggregate_evaluate(

@@ -7,10 +7,12 @@
    DP training, ledger) and local training alone, and the difference (the federation's overhead:
    ClientApp process start, serialization, transfer, hashing). Per run: bytes on the wire as the
    SuperLink counts them, and the final pooled AUROC.
-2. ``aggregation``: FedCT's FedAvg (Flower's, behind FedCT's update validation) over 10, 100 and
-   1000 ResNet-18-sized updates: seconds, GB/s of updates, and the server's peak memory growth
-   during aggregation. The replies share one payload so that 1000 of them fit in memory: the
-   aggregation still decodes, validates and sums each one as if it were distinct.
+2. ``aggregation``: FedCT's FedAvg (update validation, then the weighted mean summed from the
+   validated views, server/aggregate.py) over 10, 100 and 1000 ResNet-18-sized updates:
+   seconds, GB/s of updates, and the server's peak memory growth during aggregation; and, side
+   by side on the same replies, Flower's own ``aggregate_arrayrecords`` without any validation.
+   The replies share one payload so that 1000 of them fit in memory: the aggregation still
+   decodes, validates and sums each one as if it were distinct.
 
     python -m simulations.bench_federation [--part deployment|aggregation|all] [--json F]
 """
@@ -89,6 +91,7 @@ def _summarize(history: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, 
 
 def aggregation(counts: list[int]) -> dict[str, Any]:
     from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from common.config import FederationConfig, app_defaults
     from server.strategy import make_strategy
@@ -117,10 +120,16 @@ def aggregation(counts: list[int]) -> dict[str, Any]:
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
             assert arrays is not None
+            start = time.perf_counter()
+            aggregate_arrayrecords([m.content for m in messages], "num-examples")
+            flower_seconds = time.perf_counter() - start
             results[str(n)] = {
                 "seconds": round(seconds, 2),
                 "gb_per_s": round(n * nbytes / seconds / 1e9, 2),
                 "peak_memory_growth_models": round(peak / nbytes, 2),
+                "flower_fedavg_alone_seconds": round(flower_seconds, 2),
+                "flower_fedavg_alone_gb_per_s": round(n * nbytes / flower_seconds / 1e9, 2),
+                "speedup_vs_flower_alone": round(flower_seconds / seconds, 2),
             }
     return {"model_bytes": nbytes, "updates": results}
 
@@ -141,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         for n, r in out["aggregation"]["updates"].items():
             print(
                 f"  {n:>5} updates: {r['seconds']:>7} s  {r['gb_per_s']:>5} GB/s  "
-                f"peak memory growth {r['peak_memory_growth_models']} models"
+                f"peak memory growth {r['peak_memory_growth_models']} models; Flower's FedAvg "
+                f"alone {r['flower_fedavg_alone_gb_per_s']} GB/s "
+                f"(FedCT x{r['speedup_vs_flower_alone']})"
             )
     if args.part in ("deployment", "all"):
         out["deployment"] = deployment(args.rounds, args.scale, args.dtypes)

@@ -25,9 +25,10 @@ import torch
 
 from client.privacy import PrivacyBudget, calibrate_noise, default_delta
 from client.rounds import train_config
-from client.training import evaluate, sample_rate, steps_per_epoch, train_local
+from client.training import sample_rate, steps_per_epoch, train_local
 from common.config import FederationConfig
 from common.dataset import CTSlices, site_dataset
+from common.evaluation import evaluate
 from common.metrics import binary_metrics
 from common.models import build_model
 from common.seeding import derive_seed

@@ -96,6 +96,7 @@ def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates(tmp_path: Path
         train_reply("b", 2, _update(4.0, np.float16), {"num-examples": 30}),  # float16 wire
         train_reply("c", 3, bad, {"num-examples": 1000}),
         train_reply("d", 4, None, {"num-examples": 0, "epsilon": 8.0, "budget-exhausted": 1}),
+        train_reply("e", 5, _update(1.0), {"num-examples": -3}),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
@@ -106,6 +107,7 @@ def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates(tmp_path: Path
         assert aggregated.shape == REFERENCE[key].shape
     assert set(strategy.round_log["train"]) == {"a", "b"}
     assert "non-finite" in strategy.round_log["excluded"]["c"]
+    assert "num-examples" in strategy.round_log["excluded"]["e"]
     assert strategy.exhausted == {"d"}
 
 
@@ -139,3 +141,68 @@ def test_float16_transfer_casts_what_goes_to_the_sites(tmp_path: Path) -> None:
         for value in message.content.array_records["arrays"].values():
             assert value.numpy().dtype == np.float16
     assert all(v.numpy().dtype == np.float32 for v in model.values())  # the original is kept
+
+
+def test_update_distance_spans_blocks_exactly() -> None:
+    from common.weights import _BLOCK
+
+    rng = np.random.default_rng(0)
+    ref = {"w": rng.normal(size=(3, _BLOCK // 2 + 7)).astype(np.float32)}
+    update = {"w": ref["w"] + np.float32(0.01)}
+    expected = float(np.linalg.norm((update["w"] - ref["w"]).astype(np.float64)))
+    assert weight_problem(update, ref, max_distance=expected * 1.001) is None
+    problem = weight_problem(update, ref, max_distance=expected * 0.999)
+    assert problem is not None
+    assert "exceeds" in problem
+    update["w"][2, -1] = np.inf  # in the last, partial block
+    assert "non-finite" in str(weight_problem(update, ref))
+
+
+@pytest.mark.parametrize("strategy_name", ["fedavg", "fedprox", "fedadam"])
+def test_aggregation_matches_flowers_fedavg(tmp_path: Path, strategy_name: str) -> None:
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from simulations.replies import train_reply
+
+    rng = np.random.default_rng(1)
+    reference = {
+        "a.weight": rng.normal(size=(64, 3, 7, 7)).astype(np.float32),
+        "b.bias": rng.normal(size=5).astype(np.float32),
+    }
+    updates = [
+        {k: v + rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in reference.items()}
+        for _ in range(3)
+    ]
+    updates[1] = {k: v.astype(np.float16) for k, v in updates[1].items()}  # a float16 site
+    sizes = [12, 40, 7]
+    strategy = _strategy(tmp_path, strategy=strategy_name)
+    strategy.global_weights = reference
+    strategy.current_arrays = dict(reference)  # what FedAdam's configure_train keeps
+    replies = [
+        train_reply(f"s{i}", i + 1, u, {"num-examples": n, "train-loss": float(i)})
+        for i, (u, n) in enumerate(zip(updates, sizes, strict=True))
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert metrics is not None
+    expected = aggregate_arrayrecords(
+        [
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v.astype(np.float32)) for k, v in u.items()}),
+                    "metrics": MetricRecord({"num-examples": n}),
+                }
+            )
+            for u, n in zip(updates, sizes, strict=True)
+        ],
+        "num-examples",
+    )
+    if strategy_name == "fedadam":  # Flower's FedAdam steps from the mean: only check it ran
+        assert set(arrays.keys()) == set(reference)
+    else:
+        for key in reference:
+            got = arrays[key].numpy()
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, expected[key].numpy(), rtol=1e-6, atol=1e-6)
+    assert metrics["train-loss"] == pytest.approx((0 * 12 + 1 * 40 + 2 * 7) / 59)
