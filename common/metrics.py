@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score
 
 DEFAULT_BINS = 100
 LOGIT_RANGE = 12.0  # sigmoid(12) = 1 - 6e-6: beyond this, scores share the end bins
@@ -37,6 +36,10 @@ def binary_metrics(
     scores: np.ndarray, positive: np.ndarray, *, threshold: float = 0.5
 ) -> BinaryMetrics:
     """Metrics of positive-class ``scores`` against boolean ``positive`` labels."""
+    # imported here: scikit-learn takes ~1 s to import, which the server (histograms only) and
+    # every training message's fresh ClientApp process would otherwise pay for nothing
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
     predicted = scores >= threshold
