@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import FedCTError
+
 DEFAULT_BINS = 100
 LOGIT_RANGE = 12.0  # sigmoid(12) = 1 - 6e-6: beyond this, scores share the end bins
 
@@ -32,6 +34,10 @@ class BinaryMetrics:
     auroc: float  # NaN when only one class is present
 
 
+class DivergedModelError(FedCTError):
+    """The model's scores are NaN or infinite: its training diverged."""
+
+
 def binary_metrics(
     scores: np.ndarray, positive: np.ndarray, *, threshold: float = 0.5
 ) -> BinaryMetrics:
@@ -42,6 +48,12 @@ def binary_metrics(
 
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
+    if not np.isfinite(scores).all():
+        raise DivergedModelError(
+            f"{int((~np.isfinite(scores)).sum())} of {len(scores)} scores are NaN or infinite: "
+            "the model's training diverged (lower learning-rate, or train fewer layers with "
+            "freeze)"
+        )
     predicted = scores >= threshold
     tn, fp, fn, tp = confusion_matrix(positive, predicted, labels=[False, True]).ravel()
     both = positive.any() and (~positive).any()

@@ -16,6 +16,7 @@ pooled AUROC. This is a what-if on one machine: it pools data, which a deploymen
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from client.training import sample_rate, steps_per_epoch, train_local
 from common.config import FederationConfig
 from common.dataset import CTSlices, site_dataset
 from common.evaluation import evaluate
-from common.metrics import binary_metrics
+from common.metrics import DivergedModelError, binary_metrics
 from common.models import build_model
 from common.seeding import derive_seed
 from common.site import SiteData, load_site
@@ -139,12 +140,16 @@ def _baseline(
 
 def _evaluate(label: str, dp: bool, model: torch.nn.Module, held_out: dict[str, CTSlices]) -> Row:
     scores, truths, per_site = [], [], {}
-    for name, data in held_out.items():
-        result = evaluate(model, data)
-        positive = result.targets == result.probabilities.shape[1] - 1
-        score = result.probabilities[:, -1]
-        per_site[name] = binary_metrics(score, positive).auroc
-        scores.append(score)
-        truths.append(positive)
-    pooled = binary_metrics(np.concatenate(scores), np.concatenate(truths)).auroc
+    try:
+        for name, data in held_out.items():
+            result = evaluate(model, data)
+            positive = result.targets == result.probabilities.shape[1] - 1
+            score = result.probabilities[:, -1]
+            per_site[name] = binary_metrics(score, positive).auroc
+            scores.append(score)
+            truths.append(positive)
+        pooled = binary_metrics(np.concatenate(scores), np.concatenate(truths)).auroc
+    except DivergedModelError as err:  # one diverged baseline must not cost the others
+        log.warning("%s: %s; its row is left empty", label, err)
+        return Row(label, dp, {name: math.nan for name in held_out}, math.nan)
     return Row(label, dp, per_site, pooled)

@@ -43,3 +43,26 @@ def test_baselines_cover_centralized_dp_and_each_site(tmp_path: Path) -> None:
     assert "<h2>Comparison</h2>" in table
     assert table.count("<tr>") == 1 + len(rows)
     assert "0.600" in table
+
+
+def test_a_diverged_baseline_gets_an_empty_row_not_a_crash() -> None:
+    import numpy as np
+    import torch
+
+    from common.augment import eval_transform
+    from common.dataset import CTSlices
+    from common.preprocess import WINDOW_PRESETS
+    from simulations.compare import _evaluate
+
+    class Diverged(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((len(x), 2), float("nan"))
+
+    held_out = {
+        "site-0": CTSlices(
+            np.zeros((4, 8, 8), np.float16), [0, 1, 0, 1], eval_transform([WINDOW_PRESETS["lung"]])
+        )
+    }
+    row = _evaluate("centralized", False, Diverged(), held_out)
+    assert math.isnan(row.pooled)
+    assert math.isnan(row.sites["site-0"])

@@ -76,3 +76,10 @@ def test_binary_metrics() -> None:
     assert m.specificity == pytest.approx(1 / 2)
     assert m.accuracy == pytest.approx(3 / 5)
     assert m.auroc == pytest.approx(roc_auc_score([1, 1, 1, 0, 0], [0.9, 0.8, 0.3, 0.1, 0.6]))
+
+
+def test_non_finite_scores_say_the_model_diverged() -> None:
+    from common.metrics import DivergedModelError
+
+    with pytest.raises(DivergedModelError, match="2 of 3 scores are NaN or infinite"):
+        binary_metrics(np.array([0.2, np.nan, np.inf]), np.array([False, True, True]))
