@@ -198,6 +198,29 @@ def test_cache_hit_skips_decoding(tiny_site: Path, tmp_path: Path) -> None:
     assert calls == [tiny_site / files[1]]
 
 
+def test_worker_processes_decode_exactly_what_one_process_does(
+    tiny_site: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import common.frame_cache as frame_cache
+
+    files = discover(tiny_site).files
+    serial = decode_site(tiny_site, files, GRID, None, progress=False, workers=1)
+    # make the pool worth starting even for this tiny site: probe 2 files, free worker start
+    monkeypatch.setattr(frame_cache, "PROBE_FILES", 2)
+    monkeypatch.setattr(frame_cache, "WORKER_START_S", 0.0)
+    pooled = decode_site(tiny_site, files, GRID, tmp_path / "cache", progress=False, workers=2)
+    assert pooled.decoded == len(files)
+    assert "worker processes failed" not in caplog.text  # the pool really ran
+    np.testing.assert_array_equal(np.asarray(pooled.images), np.asarray(serial.images))
+    for rel in files:
+        assert pooled.entries[rel].frames == serial.entries[rel].frames
+        assert pooled.entries[rel].skip == serial.entries[rel].skip
+        assert pooled.entries[rel].digest  # the cache keeps content digests
+
+
 def test_cache_is_keyed_by_preprocessing(tiny_site: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     a = load_site(tiny_site, grid=GridConfig(32), cache_dir=cache, progress=False)
