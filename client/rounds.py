@@ -116,6 +116,7 @@ def train_round(
         classes=fed.class_names,
         windows=fed.preprocess.windows,
         train=True,
+        augment=fed.augment,
         seed=derive_seed(fed.seed, server_round),
     )
     model = _global_model(fed, weights)

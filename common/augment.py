@@ -84,18 +84,39 @@ class HUNoise(v2.Transform):
         return inpt + torch.randn_like(inpt) * params["sigma"]
 
 
+# Named augmentation strengths (the ``augmentation`` setting). "full" is the general-purpose
+# default; "flips" keeps every pixel as scanned (interpolation in rotations and rescaling blurs
+# a 1-2 px nodule on a small grid, and added noise can hide it); public pretraining uses it.
+AUGMENTATIONS: dict[str, AugmentConfig] = {
+    "full": AugmentConfig(),
+    "flips": AugmentConfig(
+        rotation_deg=0.0, translate=0.0, scale=(1.0, 1.0), noise_hu=0.0, window_jitter=0.0
+    ),
+    "none": AugmentConfig(
+        rotation_deg=0.0,
+        translate=0.0,
+        scale=(1.0, 1.0),
+        hflip=0.0,
+        noise_hu=0.0,
+        window_jitter=0.0,
+    ),
+}
+
+
 def train_transform(windows: Sequence[Window], cfg: AugmentConfig | None = None) -> Transform:
     cfg = cfg or AugmentConfig()
     mean, std = normalization(len(windows))
-    steps: list[Any] = [
-        v2.RandomAffine(
-            degrees=cfg.rotation_deg,
-            translate=(cfg.translate, cfg.translate),
-            scale=cfg.scale,
-            interpolation=v2.InterpolationMode.BILINEAR,
-            fill=HU_AIR,
-        ),
-    ]
+    steps: list[Any] = []
+    if cfg.rotation_deg or cfg.translate or cfg.scale != (1.0, 1.0):
+        steps.append(
+            v2.RandomAffine(
+                degrees=cfg.rotation_deg,
+                translate=(cfg.translate, cfg.translate),
+                scale=cfg.scale,
+                interpolation=v2.InterpolationMode.BILINEAR,
+                fill=HU_AIR,
+            )
+        )
     if cfg.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip))
     if cfg.noise_hu > 0:

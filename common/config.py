@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from common.augment import AUGMENTATIONS, AugmentConfig
 from common.errors import ConfigError
 from common.models import NORMS, ModelConfig
 from common.preprocess import GridConfig, PreprocessConfig, parse_windows
@@ -41,6 +42,7 @@ class FederationConfig:
     windows: str = "lung,mediastinum,bone"
     classes: str = "normal,nodule"
     freeze: str = "none"
+    augmentation: str = "full"  # full | flips | none (common/augment.py)
     pretrained: str = ""  # server-side path to a torchvision state dict for the first model
     norm: str = "auto"  # auto: folded with pretrained weights, else group
     strategy: str = "fedavg"
@@ -89,6 +91,10 @@ class FederationConfig:
             raise ConfigError(f"classes must name at least two distinct classes: {self.classes!r}")
         if self.dp and not self.epsilon > 0:
             raise ConfigError("epsilon must be positive (or set dp = false)")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(
+                f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {self.augmentation!r}"
+            )
         if self.norm not in ("auto", *NORMS):
             raise ConfigError(f"norm must be one of auto, {', '.join(NORMS)}; got {self.norm!r}")
         if self.resolved_norm == "folded" and not self.pretrained:
@@ -106,6 +112,10 @@ class FederationConfig:
     def preprocess(self) -> PreprocessConfig:
         spacing = self.target_spacing_mm if self.target_spacing_mm > 0 else None
         return PreprocessConfig(GridConfig(self.image_size, spacing), parse_windows(self.windows))
+
+    @property
+    def augment(self) -> AugmentConfig:
+        return AUGMENTATIONS[self.augmentation]
 
     @property
     def model_config(self) -> ModelConfig:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
-from common.augment import AugmentConfig
+from common.augment import AUGMENTATIONS
 from common.config import FederationConfig
 from common.dataset import CTSlices, site_dataset
 from common.errors import ConfigError
@@ -48,9 +48,7 @@ METADATA_KEY = "fedct-pretraining"
 # set of hospitals, AUROC on another): flips alone 0.68, FedCT's full training augmentation
 # (affine, noise, window jitter) 0.61-0.64 -- a few hundred slices and a few epochs cannot
 # afford to learn the invariances the full pipeline asks for.
-PRETRAIN_AUGMENTATION = AugmentConfig(
-    rotation_deg=0.0, translate=0.0, scale=(1.0, 1.0), noise_hu=0.0, window_jitter=0.0
-)
+PRETRAIN_AUGMENTATION = AUGMENTATIONS["flips"]
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,7 @@ def _baseline(
             classes=fed.class_names,
             windows=fed.preprocess.windows,
             train=True,
+            augment=fed.augment,
             seed=seed,
         )
         for s in train_sites

@@ -108,3 +108,23 @@ def test_train_transform_is_random_but_seeded() -> None:
 def test_augment_config_validates() -> None:
     with pytest.raises(ConfigError):
         AugmentConfig(hflip=2.0)
+
+
+def test_flips_augmentation_keeps_every_pixel_as_scanned() -> None:
+    from common.augment import AUGMENTATIONS
+    from common.config import FederationConfig, app_defaults
+
+    windows = tuple(WINDOW_PRESETS.values())
+    hu = torch.randn(1, 32, 32) * 500
+    plain = eval_transform(windows)(hu)
+    flips = train_transform(windows, AUGMENTATIONS["flips"])
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out = flips(hu)
+        assert torch.equal(out, plain) or torch.equal(out, plain.flip(-1))
+    torch.manual_seed(0)
+    torch.testing.assert_close(train_transform(windows, AUGMENTATIONS["none"])(hu), plain)
+    fed = FederationConfig.from_mapping({**app_defaults(), "augmentation": "flips"})
+    assert fed.augment == AUGMENTATIONS["flips"]
+    with pytest.raises(ConfigError, match="augmentation must be one of full, flips, none"):
+        FederationConfig.from_mapping({**app_defaults(), "augmentation": "heavy"})
