@@ -198,7 +198,11 @@ class FedCTMixin:
     def _check_update(self, msg: Message, metrics: dict[str, Any]) -> tuple[str | None, Weights]:
         """Why the reply's update cannot be aggregated (or None), and read-only views of it."""
         examples = metrics.get("num-examples")
-        if isinstance(examples, bool) or not isinstance(examples, int | float) or examples <= 0:
+        if (
+            not isinstance(examples, int | float)
+            or isinstance(examples, bool)
+            or not (math.isfinite(examples) and examples > 0)
+        ):
             return f"num-examples must be a positive number, got {examples!r}", {}
         records = msg.content.array_records
         if "arrays" not in records:

@@ -97,6 +97,7 @@ def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates(tmp_path: Path
         train_reply("c", 3, bad, {"num-examples": 1000}),
         train_reply("d", 4, None, {"num-examples": 0, "epsilon": 8.0, "budget-exhausted": 1}),
         train_reply("e", 5, _update(1.0), {"num-examples": -3}),
+        train_reply("f", 6, _update(1.0), {"num-examples": float("nan")}),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
@@ -108,6 +109,7 @@ def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates(tmp_path: Path
     assert set(strategy.round_log["train"]) == {"a", "b"}
     assert "non-finite" in strategy.round_log["excluded"]["c"]
     assert "num-examples" in strategy.round_log["excluded"]["e"]
+    assert "num-examples" in strategy.round_log["excluded"]["f"]
     assert strategy.exhausted == {"d"}
 
 
