@@ -45,10 +45,24 @@ def cam_maps(
 
 
 def pointing_hit(cam: np.ndarray, mask: np.ndarray) -> bool:
-    """Whether the CAM's maximum falls inside the lesion mask."""
+    """Whether the CAM's maximum falls inside the lesion mask.
+
+    The library upsamples the last stage's few cells (3x3 at 96 px) bilinearly, clamping at
+    the border: a winning border cell becomes a flat maximum from the image edge to the cell's
+    centre, and ``argmax`` would return its first pixel, the image corner. The point taken is
+    the maximum's innermost pixel (farthest from the border), which is the winning cell's
+    centre. An all-zero CAM (no evidence for the class anywhere) points nowhere: a miss.
+    """
     if not mask.any():
         raise ValueError("the lesion mask is empty")
-    return bool(mask.flat[int(np.argmax(cam))])
+    peak = float(cam.max())
+    if peak <= 0:
+        return False
+    rows, cols = np.nonzero(cam >= peak * (1 - 1e-3))
+    height, width = cam.shape
+    inner = np.minimum(np.minimum(rows, height - 1 - rows), np.minimum(cols, width - 1 - cols))
+    best = int(np.argmax(inner))
+    return bool(mask[rows[best], cols[best]])
 
 
 def energy_inside(cam: np.ndarray, mask: np.ndarray) -> float:

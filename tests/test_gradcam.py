@@ -34,6 +34,21 @@ def test_pointing_game_and_energy_on_hand_made_maps() -> None:
     assert math.isnan(localization(inside[None], np.zeros((1, 8, 8), bool)).pointing_hit_rate)
 
 
+def test_pointing_takes_the_middle_of_a_flat_maximum_and_zero_maps_miss() -> None:
+    import cv2
+
+    cells = np.zeros((3, 3), dtype=np.float32)
+    cells[0, 0] = 1.0  # the top-left cell of a 3x3 last stage wins
+    cam = cv2.resize(cells, (96, 96), interpolation=cv2.INTER_LINEAR)
+    corner = np.zeros((96, 96), dtype=bool)
+    corner[:3, :3] = True
+    middle = np.zeros((96, 96), dtype=bool)
+    middle[10:22, 10:22] = True  # around the cell's centre (16, 16)
+    assert not pointing_hit(cam, corner)
+    assert pointing_hit(cam, middle)
+    assert not pointing_hit(np.zeros((96, 96), np.float32), middle)
+
+
 def test_cam_releases_hooks_and_keeps_mode() -> None:
     model = build_model(ModelConfig())
     model.train()
@@ -58,6 +73,7 @@ def test_lesion_masks_come_onto_the_grid(tiny_site: Path) -> None:
 
 @pytest.mark.parametrize("norm", ["group", "folded"])
 def test_cam_works_on_a_model_with_a_frozen_backbone(norm: str) -> None:
+    torch.manual_seed(0)  # a random network's CAM can be all zero for some draws
     model = build_model(ModelConfig(freeze="head", norm=norm)).eval()
     images = torch.randn(2, 3, 64, 64)
     maps = cam_maps(model, images, target_class=1)
