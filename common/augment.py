@@ -9,7 +9,7 @@ channel per window.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -87,19 +87,13 @@ class HUNoise(v2.Transform):
 # Named augmentation strengths (the ``augmentation`` setting). "full" is the general-purpose
 # default; "flips" keeps every pixel as scanned (interpolation in rotations and rescaling blurs
 # a 1-2 px nodule on a small grid, and added noise can hide it); public pretraining uses it.
+_FLIPS_ONLY = AugmentConfig(
+    rotation_deg=0.0, translate=0.0, scale=(1.0, 1.0), noise_hu=0.0, window_jitter=0.0
+)
 AUGMENTATIONS: dict[str, AugmentConfig] = {
     "full": AugmentConfig(),
-    "flips": AugmentConfig(
-        rotation_deg=0.0, translate=0.0, scale=(1.0, 1.0), noise_hu=0.0, window_jitter=0.0
-    ),
-    "none": AugmentConfig(
-        rotation_deg=0.0,
-        translate=0.0,
-        scale=(1.0, 1.0),
-        hflip=0.0,
-        noise_hu=0.0,
-        window_jitter=0.0,
-    ),
+    "flips": _FLIPS_ONLY,
+    "none": replace(_FLIPS_ONLY, hflip=0.0),
 }
 
 
