@@ -94,6 +94,7 @@ def train_config(fed: FederationConfig) -> TrainConfig:
         batch_size=fed.batch_size,
         physical_batch_size=fed.physical_batch_size,
         max_grad_norm=fed.max_grad_norm,
+        dp_clipping=fed.dp_clipping,
         proximal_mu=fed.proximal_mu if fed.strategy == "fedprox" else 0.0,
     )
 

@@ -19,19 +19,22 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from client import grad_samplers  # noqa: F401  (registers Opacus grad samplers)
+from client.bookkeeping import BookkeepingModule
 from common.errors import ConfigError
 from common.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Backward = Callable[[torch.Tensor], None]  # per-sample losses -> parameters' .grad
+DP_CLIPPING = ("bookkeeping", "hooks")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class TrainConfig:
     physical_batch_size: int = 32  # largest batch held in memory at once (DP only)
     max_grad_norm: float = 1.0  # per-sample clipping bound (DP only)
     proximal_mu: float = 0.0  # FedProx: weight of ||w - w_global||^2 / 2
+    dp_clipping: str = "bookkeeping"  # bookkeeping (one backward pass) | hooks (Opacus')
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -56,6 +60,10 @@ class TrainConfig:
             raise ConfigError(f"clipping bound must be positive, got {self.max_grad_norm}")
         if self.proximal_mu < 0:
             raise ConfigError(f"proximal mu must not be negative, got {self.proximal_mu}")
+        if self.dp_clipping not in DP_CLIPPING:
+            raise ConfigError(
+                f"dp-clipping must be one of {', '.join(DP_CLIPPING)}; got {self.dp_clipping!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,12 @@ def train_local(
     steps = 0
     start = time.perf_counter()
     with (
-        _private(model, optimizer, loader, noise_multiplier, cfg, seed) as (net, opt, batches),
+        _private(model, optimizer, loader, noise_multiplier, cfg, seed, global_params) as (
+            net,
+            opt,
+            batches,
+            backward,
+        ),
         warnings.catch_warnings(),
     ):
         # Opacus' hooks on the first layer fire although images need no gradient: harmless
@@ -142,15 +155,15 @@ def train_local(
                     continue
                 images, targets = images.to(device), targets.to(device)
                 opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(net(images), targets)
-                if global_params is not None:
-                    loss = loss + _proximal_term(model, global_params, cfg.proximal_mu)
-                loss.backward()
+                per_sample = nn.functional.cross_entropy(net(images), targets, reduction="none")
+                backward(per_sample)
                 opt.step()
                 # With virtual steps (BatchMemoryManager) only real optimizer steps count.
                 if not isinstance(opt, DPOptimizer) or not opt._is_last_step_skipped:
                     steps += 1
-                losses.append(float(loss.detach()))
+                    if global_params is not None and isinstance(opt, DPOptimizer):
+                        _proximal_step(model, global_params, cfg.proximal_mu * cfg.learning_rate)
+                losses.append(float(per_sample.detach().mean()))
                 postfix = {"loss": f"{np.mean(losses[-20:]):.3f}"}
                 if epsilon_after is not None and progress:
                     postfix["ε"] = f"{epsilon_after(steps):.2f}"
@@ -173,22 +186,46 @@ def _private(
     noise_multiplier: float | None,
     cfg: TrainConfig,
     seed: int,
-) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, Callable[[], Iterator[Batch]]]]:
-    """Yield ``(model, optimizer, batches)``: wrapped for DP-SGD when ``noise_multiplier`` is set.
+    global_params: Mapping[str, torch.Tensor] | None = None,
+) -> Iterator[tuple[nn.Module, torch.optim.Optimizer, Callable[[], Iterator[Batch]], Backward]]:
+    """Yield ``(model, optimizer, batches, backward)``: wrapped for DP-SGD when
+    ``noise_multiplier`` is set.
 
     Opacus' pieces are used directly (not ``PrivacyEngine``): the accountant is the site's
-    ledger, across rounds and restarts, so a per-round engine would only duplicate it.
+    ledger, across rounds and restarts, so a per-round engine would only duplicate it. The
+    per-sample clipping is :mod:`client.bookkeeping`'s (one backward pass, norms without
+    per-sample gradients) or, with ``dp_clipping = "hooks"``, Opacus' per-sample gradients.
     """
     if noise_multiplier is None:
-        yield model, optimizer, lambda: iter(loader)
+
+        def plain_backward(per_sample: torch.Tensor) -> None:
+            loss = per_sample.mean()
+            if global_params is not None:
+                loss = loss + _proximal_term(model, global_params, cfg.proximal_mu)
+            loss.backward()
+
+        yield model, optimizer, lambda: iter(loader), plain_backward
         return
-    dp_model = GradSampleModule(
-        model, batch_first=True, loss_reduction="mean", strict=True, force_functorch=False
-    )
+    dp_model: GradSampleModule | BookkeepingModule
+    optimizer_type: type[DPOptimizer]
+    if cfg.dp_clipping == "bookkeeping":
+        dp_model = BookkeepingModule(model, max_grad_norm=cfg.max_grad_norm)
+        optimizer_type = DPOptimizerFastGradientClipping
+        backward: Backward = dp_model.backward
+    else:
+        dp_model = GradSampleModule(
+            model, batch_first=True, loss_reduction="mean", strict=True, force_functorch=False
+        )
+        optimizer_type = DPOptimizer
+
+        def hooks_backward(per_sample: torch.Tensor) -> None:
+            per_sample.mean().backward()  # the hooks keep each sample's gradient
+
+        backward = hooks_backward
     generator = torch.Generator().manual_seed(derive_seed(seed, "poisson") % 2**63)
     dp_loader = DPDataLoader.from_data_loader(loader, generator=generator)
     noise = torch.Generator().manual_seed(derive_seed(seed, "noise") % 2**63)
-    dp_optimizer = DPOptimizer(
+    dp_optimizer = optimizer_type(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
@@ -206,7 +243,7 @@ def _private(
             yield from memory_safe
 
     try:
-        yield dp_model, dp_optimizer, batches
+        yield dp_model, dp_optimizer, batches, backward
     finally:
         dp_model.remove_hooks()  # the model outlives this round: leave no hooks or
         dp_model.cleanup()  # per-sample gradients on it
@@ -214,6 +251,16 @@ def _private(
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _proximal_step(model: nn.Module, anchor: Mapping[str, torch.Tensor], rate: float) -> None:
+    """FedProx under DP: the proximal pull ``w -= lr mu (w - w_global)`` as its own step after
+    the private one. It depends on no data, so it is post-processing and costs no privacy (in
+    the loss it would be clipped and noised with the data's gradient)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in anchor:
+                p.sub_(p - anchor[n], alpha=rate)
 
 
 def _proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:

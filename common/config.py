@@ -36,6 +36,7 @@ class FederationConfig:
     batch_size: int = 32
     physical_batch_size: int = 32
     max_grad_norm: float = 1.0
+    dp_clipping: str = "bookkeeping"  # bookkeeping | hooks (client/bookkeeping.py)
     model: str = "resnet18"
     image_size: int = 96
     target_spacing_mm: float = 0.0  # 0: fit the whole field of view
@@ -91,6 +92,8 @@ class FederationConfig:
             raise ConfigError(f"classes must name at least two distinct classes: {self.classes!r}")
         if self.dp and not self.epsilon > 0:
             raise ConfigError("epsilon must be positive (or set dp = false)")
+        if self.dp_clipping not in ("bookkeeping", "hooks"):
+            raise ConfigError(f"dp-clipping must be bookkeeping or hooks; got {self.dp_clipping!r}")
         if self.augmentation not in AUGMENTATIONS:
             raise ConfigError(
                 f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {self.augmentation!r}"
