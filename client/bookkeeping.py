@@ -27,7 +27,7 @@ GroupNorm and Linear; anything else is refused up front.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -73,14 +73,21 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
             use_ghost_clipping=True,
         )
         self._leaves: list[Tensor] = []
-        self._leaf_hooks = [
+        self._own_hooks = [
             m.register_forward_pre_hook(self._track_inputs) for _, m in trainable_modules(model)
+        ] + [
+            m.register_forward_hook(self._keep_response)
+            for _, m in trainable_modules(model)
+            if isinstance(m, WSConv2d)
         ]
+
+    def _recording(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled() and self.hooks_enabled
 
     def _track_inputs(self, module: nn.Module, args: tuple[object, ...]) -> tuple | None:
         """Make inputs that need no gradient (images, frozen layers' outputs) differentiable
         leaves, so the backward pass can ask for activation gradients only."""
-        if not (module.training and torch.is_grad_enabled() and self.hooks_enabled):
+        if not self._recording(module):
             return None
         replaced = [
             a.detach().requires_grad_()
@@ -94,6 +101,14 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
         self._leaves.extend(new)  # type: ignore[arg-type]
         return tuple(replaced)
 
+    def _keep_response(self, module: nn.Module, args: tuple[object, ...], out: Tensor) -> None:
+        """A weight-standardized conv's output ``ŵ·a_t`` (less its bias), which its ghost norm
+        needs: kept instead of computed again (the graph holds it anyway)."""
+        if self._recording(module):
+            bias = getattr(module, "bias", None)
+            response = out.detach() if bias is None else out.detach() - bias.detach().view(-1, 1, 1)
+            _kept(module, "_responses").append(response)
+
     def backward(self, loss_per_sample: Tensor) -> None:
         """Set every trainable parameter's ``.grad`` to ``Σ_i c_i ∇loss_i``: the sum of the
         per-sample gradients of the batch, each clipped to ``max_grad_norm``."""
@@ -105,16 +120,16 @@ class BookkeepingModule(GradSampleModuleFastGradientClipping):
             mean.backward()
         coef = self.get_clipping_coef()
         for _, module in trainable_modules(self._module):
-            for param, grad in _kept_sums(module).pop()(coef).items():
+            for param, grad in _kept(module, "_clipped_sums").pop()(coef).items():
                 param.grad = grad
 
     def remove_hooks(self) -> None:
-        for handle in self._leaf_hooks:
+        for handle in self._own_hooks:
             handle.remove()
-        self._leaf_hooks = []
+        self._own_hooks = []
         for _, module in trainable_modules(self._module):
-            if hasattr(module, "_clipped_sums"):
-                del module._clipped_sums
+            for kept in ("_clipped_sums", "_responses"):
+                module.__dict__.pop(kept, None)
         super().remove_hooks()
 
 
@@ -127,7 +142,7 @@ def _norm_sampler(layer_type: type[nn.Module]) -> Callable[[Sampler], Sampler]:
             layer: nn.Module, activations: list[Tensor], backprops: Tensor
         ) -> dict[Tensor, Tensor]:
             norms, clipped_sum = f(layer, activations[0].to(backprops.dtype), backprops)
-            _kept_sums(layer).append(clipped_sum)
+            _kept(layer, "_clipped_sums").append(clipped_sum)
             return norms
 
         BookkeepingModule.NORM_SAMPLERS[layer_type] = norm_sampler
@@ -136,9 +151,10 @@ def _norm_sampler(layer_type: type[nn.Module]) -> Callable[[Sampler], Sampler]:
     return register
 
 
-def _kept_sums(layer: nn.Module) -> list[ClippedSum]:
-    """The layer's pending clipped sums, one per forward pass (taken last-in, first-out)."""
-    kept: list[ClippedSum] = layer.__dict__.setdefault("_clipped_sums", [])
+def _kept(layer: nn.Module, name: str) -> list[Any]:
+    """What the layer keeps per forward pass until its backward (taken last-in, first-out, as
+    Opacus takes activations): ``_clipped_sums``, ``_responses``."""
+    kept: list[Any] = layer.__dict__.setdefault(name, [])
     return kept
 
 
@@ -154,13 +170,15 @@ def _convolution(
     layer: nn.Conv2d, x: Tensor, backprops: Tensor
 ) -> tuple[dict[Tensor, Tensor], ClippedSum]:
     columns, grads = unfolded(layer, x, backprops)  # (n, K, T), (n, O, T)
+    # weight-standardized: the output kept at its forward pass (None exactly for plain convs)
+    responses = _kept(layer, "_responses").pop() if isinstance(layer, WSConv2d) else None
     norms: dict[Tensor, Tensor] = {}
     per_sample: Tensor | None = None
     if layer.weight.requires_grad:
         if _ghost_is_cheaper(columns, grads):
             squared = (
-                _ws_ghost_squared_norms(layer, x, columns, grads)
-                if isinstance(layer, WSConv2d)
+                _ws_ghost_squared_norms(layer, responses, columns, grads)
+                if isinstance(layer, WSConv2d) and responses is not None
                 else (_position_gram(columns) * _position_gram(grads)).sum(dim=(1, 2))
             )
             norms[layer.weight] = squared.clamp_min(0).sqrt()
@@ -202,7 +220,9 @@ def _position_gram(t: Tensor) -> Tensor:
     return torch.bmm(t.transpose(1, 2), t)
 
 
-def _ws_ghost_squared_norms(layer: WSConv2d, x: Tensor, columns: Tensor, grads: Tensor) -> Tensor:
+def _ws_ghost_squared_norms(
+    layer: WSConv2d, responses: Tensor, columns: Tensor, grads: Tensor
+) -> Tensor:
     """Squared per-sample gradient norms of a weight-standardized convolution, without ``ĝ``.
 
     One filter's gradient is ``u = (ĝ - S1/K - ŵ W/K) / s`` (:func:`through_standardization`;
@@ -214,13 +234,6 @@ def _ws_ghost_squared_norms(layer: WSConv2d, x: Tensor, columns: Tensor, grads: 
     k = columns.shape[1]
     s2 = (torch.bmm(_position_gram(columns), grads.transpose(1, 2)) * grads.mT).sum(dim=1)
     s1 = (grads * columns.sum(dim=1, keepdim=True)).sum(dim=2)
-    responses = nn.functional.conv2d(
-        x,
-        w_hat.reshape(layer.weight.shape),
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
-    )
     w = (grads * responses.flatten(2)).sum(dim=2)
     r = w_hat.pow(2).sum(dim=1) / k  # 1 - eps / (var + eps), per filter
     squared = (s2 - s1.pow(2) / k - (2 - r) * w.pow(2) / k) / scale.view(1, -1).pow(2)

@@ -206,6 +206,39 @@ def _private(
 
         yield model, optimizer, lambda: iter(loader), plain_backward
         return
+    noise = torch.Generator().manual_seed(derive_seed(seed, "noise") % 2**63)
+    dp_model, dp_optimizer, backward = make_private(
+        model, optimizer, cfg, noise_multiplier=noise_multiplier, generator=noise
+    )
+    generator = torch.Generator().manual_seed(derive_seed(seed, "poisson") % 2**63)
+    dp_loader = DPDataLoader.from_data_loader(loader, generator=generator)
+
+    def batches() -> Iterator[Batch]:
+        with BatchMemoryManager(
+            data_loader=dp_loader,
+            max_physical_batch_size=cfg.physical_batch_size,
+            optimizer=dp_optimizer,
+        ) as memory_safe:
+            yield from memory_safe
+
+    try:
+        yield dp_model, dp_optimizer, batches, backward
+    finally:
+        dp_model.remove_hooks()  # the model outlives this round: leave no hooks or
+        dp_model.cleanup()  # per-sample gradients on it
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    noise_multiplier: float,
+    generator: torch.Generator | None = None,
+) -> tuple[GradSampleModule | BookkeepingModule, DPOptimizer, Backward]:
+    """``(wrapped model, DP optimizer, backward)`` for DP-SGD steps with ``cfg.dp_clipping``:
+    ``backward(per-sample losses)`` leaves what the optimizer's ``step`` clips (hooks) or has
+    clipped (bookkeeping), noises and applies. The caller removes the wrapper's hooks."""
     dp_model: GradSampleModule | BookkeepingModule
     optimizer_type: type[DPOptimizer]
     if cfg.dp_clipping == "bookkeeping":
@@ -222,31 +255,15 @@ def _private(
             per_sample.mean().backward()  # the hooks keep each sample's gradient
 
         backward = hooks_backward
-    generator = torch.Generator().manual_seed(derive_seed(seed, "poisson") % 2**63)
-    dp_loader = DPDataLoader.from_data_loader(loader, generator=generator)
-    noise = torch.Generator().manual_seed(derive_seed(seed, "noise") % 2**63)
     dp_optimizer = optimizer_type(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         expected_batch_size=cfg.batch_size,
         loss_reduction="mean",
-        generator=noise,
+        generator=generator,
     )
-
-    def batches() -> Iterator[Batch]:
-        with BatchMemoryManager(
-            data_loader=dp_loader,
-            max_physical_batch_size=cfg.physical_batch_size,
-            optimizer=dp_optimizer,
-        ) as memory_safe:
-            yield from memory_safe
-
-    try:
-        yield dp_model, dp_optimizer, batches, backward
-    finally:
-        dp_model.remove_hooks()  # the model outlives this round: leave no hooks or
-        dp_model.cleanup()  # per-sample gradients on it
+    return dp_model, dp_optimizer, backward
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
