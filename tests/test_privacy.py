@@ -109,15 +109,21 @@ def _delta_norm(before: dict[str, torch.Tensor], model: nn.Module) -> float:
     )
 
 
+@pytest.mark.parametrize("clipping", ["bookkeeping", "hooks"])
 @pytest.mark.parametrize("noise", [0.0, None])
-def test_zero_noise_update_respects_clipping_bound(noise: float | None) -> None:
+def test_zero_noise_update_respects_clipping_bound(noise: float | None, clipping: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
     data = TensorDataset(torch.randn(8, 1, 4, 4) * 100, torch.randint(0, 2, (8,)))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     clip = 0.01
     cfg = TrainConfig(
-        batch_size=8, physical_batch_size=8, learning_rate=1.0, momentum=0.0, max_grad_norm=clip
+        batch_size=8,
+        physical_batch_size=8,
+        learning_rate=1.0,
+        momentum=0.0,
+        max_grad_norm=clip,
+        dp_clipping=clipping,
     )
     train_local(model, data, cfg, noise_multiplier=noise, seed=0)
     change = _delta_norm(before, model)
