@@ -1,7 +1,7 @@
 """Per-sample clipping for DP-SGD in one backward pass ("book-keeping", Bu et al., ICML 2023).
 
 DP-SGD clips every sample's gradient before summing. Opacus' default (hooks mode) materialises
-every per-sample gradient - batch x 11M floats for a ResNet-18, 5-6x a plain step on a CPU. Its
+every per-sample gradient - batch x 11M floats for a ResNet-18, 4.5-9x a plain step here. Its
 ghost mode avoids that for Linear layers only and pays a second backward pass. Book-keeping
 needs neither:
 
