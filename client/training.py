@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from client import grad_samplers  # noqa: F401  (registers Opacus grad samplers)
 from client.bookkeeping import BookkeepingModule
+from common.config import DP_CLIPPING
 from common.errors import ConfigError
 from common.seeding import derive_seed
 
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Backward = Callable[[torch.Tensor], None]  # per-sample losses -> parameters' .grad
-DP_CLIPPING = ("bookkeeping", "hooks")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from common.preprocess import GridConfig, PreprocessConfig, parse_windows
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 TRANSFER_DTYPES = ("float32", "float16")
+DP_CLIPPING = ("bookkeeping", "hooks")  # client/bookkeeping.py | Opacus' per-sample gradients
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,10 @@ class FederationConfig:
             raise ConfigError(f"classes must name at least two distinct classes: {self.classes!r}")
         if self.dp and not self.epsilon > 0:
             raise ConfigError("epsilon must be positive (or set dp = false)")
-        if self.dp_clipping not in ("bookkeeping", "hooks"):
-            raise ConfigError(f"dp-clipping must be bookkeeping or hooks; got {self.dp_clipping!r}")
+        if self.dp_clipping not in DP_CLIPPING:
+            raise ConfigError(
+                f"dp-clipping must be one of {', '.join(DP_CLIPPING)}; got {self.dp_clipping!r}"
+            )
         if self.augmentation not in AUGMENTATIONS:
             raise ConfigError(
                 f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {self.augmentation!r}"
