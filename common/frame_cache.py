@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -102,8 +102,9 @@ def decode_site(
 ) -> DecodedSite:
     """Decode ``files`` (relative to ``site``) onto ``grid``, reusing ``cache_dir`` if given.
 
-    Files that must be decoded are spread over ``workers`` processes (default: one per CPU,
-    at most 8) when decoding them is measured to take long enough to repay starting those.
+    Files that must be decoded are spread over ``workers`` processes, this one included
+    (default: one per usable CPU, at most 8), when decoding them is measured to take long
+    enough to repay starting the others.
     """
     folder = cache_dir / grid.key() if cache_dir is not None else None
     old_entries, old_images = _load(folder, grid) if folder is not None else ({}, None)
@@ -142,11 +143,14 @@ def decode_site(
     return DecodedSite(entries, images, len(todo))
 
 
-# A spawned worker costs about half a second before its first file (it imports pydicom, OpenCV
-# and the decoders). Files are decoded here first; the rest goes to a pool only when the time they
-# are measured to need is well above that cost (compressed or large sites, not small ones).
+# A spawned helper process costs about 0.4 s of CPU before its first file (it imports pydicom,
+# OpenCV and the decoders). Files are decoded here first; helpers are started only when the rest
+# is measured to take clearly longer than that, and this process keeps decoding while they start.
 PROBE_FILES = 16
 WORKER_START_S = 0.6
+CHUNK_FILES = 8
+
+Result = tuple[FileEntry, np.ndarray | None]
 
 
 def _decode_files(
@@ -157,10 +161,10 @@ def _decode_files(
     keep: bool,
     progress: bool,
     workers: int | None,
-) -> dict[str, tuple[FileEntry, np.ndarray | None]]:
+) -> dict[str, Result]:
     work = partial(_decode_file, grid=grid, decoder=decoder, keep=keep)
     paths = [site / rel for rel in todo]
-    results: list[tuple[FileEntry, np.ndarray | None]] = []
+    results: list[Result] = []
     with tqdm(
         total=len(todo),
         desc=f"reading {site.name}",
@@ -174,26 +178,79 @@ def _decode_files(
             bar.update()
         per_file = (time.perf_counter() - start) / max(1, len(results))
         rest = paths[len(results) :]
-        n = min(workers or os.cpu_count() or 1, 8, len(rest))
-        # n workers pay off once t > start + t / n; ask for 1.5x that as margin.
-        worth_it = per_file * len(rest) > 1.5 * WORKER_START_S * n / (n - 1) if n > 1 else False
-        if worth_it and not multiprocessing.current_process().daemon:
-            try:
-                # "spawn": a fresh interpreter, safe whatever threads (torch, Ray, gRPC) run here
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(
-                    n, mp_context=context, initializer=_keep_freed_memory
-                ) as pool:
-                    for result in pool.map(work, rest, chunksize=8):
-                        results.append(result)
-                        bar.update()
-            except (BrokenProcessPool, RuntimeError, OSError) as err:
-                # e.g. a host script without an ``if __name__ == "__main__"`` guard
-                log.warning("decoding in one process (worker processes failed: %s)", err)
-        for path in paths[len(results) :]:
-            results.append(work(path))
-            bar.update()
+        helpers = min(workers or _usable_cpus(), 8) - 1  # this process is one of the workers
+        helpers = min(helpers, len(rest) // CHUNK_FILES)
+        if (
+            helpers > 0
+            and per_file * len(rest) > WORKER_START_S
+            and not multiprocessing.current_process().daemon
+        ):
+            results.extend(_decode_with_helpers(work, rest, helpers, bar))
+        else:
+            for path in rest:
+                results.append(work(path))
+                bar.update()
     return dict(zip(todo, results, strict=True))
+
+
+def _decode_with_helpers(
+    work: Callable[[Path], Result], paths: list[Path], helpers: int, bar: tqdm
+) -> list[Result]:
+    """Decode ``paths`` in this process and ``helpers`` spawned ones, in order.
+
+    The files are queued for the helpers in chunks; this process takes chunks from the back of
+    the queue (a queued chunk's future can still be cancelled) while the helpers start and
+    work from the front, so starting them costs no idle time here and a site whose decoding
+    turns out short is simply finished by this process. Whatever the helpers fail to deliver
+    (a host script without an ``if __name__ == "__main__"`` guard, a killed helper) is decoded
+    here, so a broken pool only costs time.
+    """
+    chunks = [paths[i : i + CHUNK_FILES] for i in range(0, len(paths), CHUNK_FILES)]
+    done: list[list[Result] | None] = [None] * len(chunks)
+    pool = None
+    try:
+        # "spawn": a fresh interpreter, safe whatever threads (torch, Ray, gRPC) run here
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(helpers, mp_context=context, initializer=_keep_freed_memory)
+        futures = [pool.submit(_decode_chunk, work, chunk) for chunk in chunks]
+        for future, chunk in zip(futures, chunks, strict=True):
+            future.add_done_callback(partial(_count_done, bar=bar, n=len(chunk)))
+        for index in reversed(range(len(chunks))):
+            if not futures[index].cancel():
+                break  # the helpers have reached this chunk: the ones before it are theirs
+            done[index] = [work(path) for path in chunks[index]]
+            bar.update(len(chunks[index]))
+        for index, future in enumerate(futures):
+            if done[index] is None:
+                done[index] = future.result()
+    except (BrokenProcessPool, RuntimeError, OSError) as err:
+        log.warning("decoding in one process (helper processes failed: %s)", err)
+    finally:
+        if pool is not None:
+            # Not waiting: a helper still starting up when this process took the last chunk
+            # exits on its own once it is up (and the interpreter joins it at exit at the latest).
+            pool.shutdown(wait=False, cancel_futures=True)
+    for index, chunk in enumerate(chunks):
+        if done[index] is None:
+            done[index] = [work(path) for path in chunk]
+            bar.update(len(chunk))
+    return [result for results in done if results is not None for result in results]
+
+
+def _decode_chunk(work: Callable[[Path], Result], paths: list[Path]) -> list[Result]:
+    return [work(path) for path in paths]
+
+
+def _count_done(future: Future[list[Result]], *, bar: tqdm, n: int) -> None:
+    if not future.cancelled() and future.exception() is None:
+        bar.update(n)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may run on (containers, taskset)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _keep_freed_memory() -> None:
@@ -237,9 +294,7 @@ def _reuse(
     return old, pixels
 
 
-def _decode_file(
-    path: Path, *, grid: GridConfig, decoder: Decoder, keep: bool
-) -> tuple[FileEntry, np.ndarray | None]:
+def _decode_file(path: Path, *, grid: GridConfig, decoder: Decoder, keep: bool) -> Result:
     try:
         data = path.read_bytes()
         stat = path.stat()

@@ -3,12 +3,14 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
+from common.dicom_io import CTFrame, read_ct_file
 from common.errors import SiteDataError
 from common.frame_cache import decode_site
 from common.labels import discover
@@ -198,7 +200,24 @@ def test_cache_hit_skips_decoding(tiny_site: Path, tmp_path: Path) -> None:
     assert calls == [tiny_site / files[1]]
 
 
-def test_worker_processes_decode_exactly_what_one_process_does(
+_PROBED: list[Path] = []
+
+
+def _decode_after_a_helper(path: Path, data: bytes) -> list[CTFrame]:
+    """read_ct_file that leaves a mark named after the process decoding; in the test's own
+    process, once past the probe, it waits for a helper's mark, so the helpers surely take part."""
+    marks = Path(os.environ["FEDCT_TEST_MARKS"])
+    (marks / str(os.getpid())).touch()
+    if os.getpid() == int(os.environ["FEDCT_TEST_PARENT"]):
+        _PROBED.append(path)
+        if len(_PROBED) > 2:  # the probe (PROBE_FILES = 2 below) is this process's alone
+            deadline = time.monotonic() + 30
+            while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    return read_ct_file(path, data)
+
+
+def test_helper_processes_decode_exactly_what_one_process_does(
     tiny_site: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -208,12 +227,28 @@ def test_worker_processes_decode_exactly_what_one_process_does(
 
     files = discover(tiny_site).files
     serial = decode_site(tiny_site, files, GRID, None, progress=False, workers=1)
-    # make the pool worth starting even for this tiny site: probe 2 files, free worker start
+    # make helpers worth starting even for this tiny site: probe 2 files, free start, 1 a chunk
     monkeypatch.setattr(frame_cache, "PROBE_FILES", 2)
     monkeypatch.setattr(frame_cache, "WORKER_START_S", 0.0)
-    pooled = decode_site(tiny_site, files, GRID, tmp_path / "cache", progress=False, workers=2)
+    monkeypatch.setattr(frame_cache, "CHUNK_FILES", 1)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv("FEDCT_TEST_MARKS", str(marks))
+    monkeypatch.setenv("FEDCT_TEST_PARENT", str(os.getpid()))
+    _PROBED.clear()
+    pooled = decode_site(
+        tiny_site,
+        files,
+        GRID,
+        tmp_path / "cache",
+        progress=False,
+        workers=2,
+        decoder=_decode_after_a_helper,
+    )
     assert pooled.decoded == len(files)
-    assert "worker processes failed" not in caplog.text  # the pool really ran
+    assert "helper processes failed" not in caplog.text
+    assert len(list(marks.iterdir())) == 2  # this process and one helper both decoded files
+    assert len(_PROBED) < len(files)
     np.testing.assert_array_equal(np.asarray(pooled.images), np.asarray(serial.images))
     for rel in files:
         assert pooled.entries[rel].frames == serial.entries[rel].frames
