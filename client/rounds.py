@@ -222,11 +222,23 @@ def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) ->
     true_positive = positive & (scores >= 0.5)
     rows = data.indices(split)
     try:
-        metrics.update(cam_localization(model, data, dataset, rows, true_positive, positive_class))
+        metrics.update(
+            cam_localization(
+                model, data, dataset, rows, true_positive, positive_class, layer=fed.cam_layer
+            )
+        )
     except Exception as err:  # an explanation must never cost the round its evaluation
         log.warning("Grad-CAM localisation failed (%s); reporting the evaluation without it", err)
-        metrics.update({"cam-slices": 0, "cam-pointing": math.nan, "cam-energy": math.nan})
+        metrics.update(NO_CAM)
     return metrics
+
+
+NO_CAM: Metrics = {
+    "cam-slices": 0,
+    "cam-pointing": math.nan,
+    "cam-pointing-strict": math.nan,
+    "cam-energy": math.nan,
+}
 
 
 def cam_localization(
@@ -237,10 +249,12 @@ def cam_localization(
     true_positive: np.ndarray,
     positive_class: int,
     *,
+    layer: str = "auto",
     limit: int = 64,
 ) -> Metrics:
-    """Grad-CAM pointing-game hit rate and energy inside the lesion on true-positive slices
-    that have a mask (at most ``limit``); only these averages and a count leave the site."""
+    """Grad-CAM pointing-game hit rates (within tolerance, strictly inside) and energy inside
+    the lesion on true-positive slices that have a mask (at most ``limit``); only these averages
+    and a count leave the site."""
     from common.gradcam import cam_maps, localization
 
     chosen: list[tuple[int, np.ndarray]] = []
@@ -251,12 +265,13 @@ def cam_localization(
         if len(chosen) == limit:
             break
     if not chosen:
-        return {"cam-slices": 0, "cam-pointing": math.nan, "cam-energy": math.nan}
+        return dict(NO_CAM)
     images = torch.stack([dataset[i][0] for i, _ in chosen])
     masks = np.stack([mask for _, mask in chosen])
-    found = localization(cam_maps(model, images, target_class=positive_class), masks)
+    found = localization(cam_maps(model, images, target_class=positive_class, layer=layer), masks)
     return {
         "cam-slices": found.slices,
         "cam-pointing": found.pointing_hit_rate,
+        "cam-pointing-strict": found.strict_hit_rate,
         "cam-energy": found.mean_energy_inside,
     }

@@ -19,7 +19,7 @@ from typing import Any
 
 from common.augment import AUGMENTATIONS, AugmentConfig
 from common.errors import ConfigError
-from common.models import NORMS, ModelConfig
+from common.models import CAM_LAYERS, NORMS, ModelConfig
 from common.preprocess import GridConfig, PreprocessConfig, parse_windows
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +58,7 @@ class FederationConfig:
     max_update_norm: float = 1.0e4
     min_eval_cases: int = 10
     histogram_bins: int = 100
+    cam_layer: str = "auto"  # Grad-CAM's stage: auto (by image size) | layer1..layer4
     planned_rounds: int = 0  # privacy calibration horizon; 0: num-server-rounds
     dp: bool = True
     epsilon: float = 8.0  # default per-site budget when a site does not set its own
@@ -100,6 +101,10 @@ class FederationConfig:
         if self.augmentation not in AUGMENTATIONS:
             raise ConfigError(
                 f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {self.augmentation!r}"
+            )
+        if self.cam_layer not in CAM_LAYERS:
+            raise ConfigError(
+                f"cam-layer must be one of {', '.join(CAM_LAYERS)}; got {self.cam_layer!r}"
             )
         if self.norm not in ("auto", *NORMS):
             raise ConfigError(f"norm must be one of auto, {', '.join(NORMS)}; got {self.norm!r}")

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from common.augment import eval_transform
 from common.dicom_io import CTFrame, UnusableFileError, read_ct_file
 from common.errors import ConfigError
-from common.gradcam import cam_maps
+from common.gradcam import cam_maps, cam_stage_name
 from common.model_file import read_model
 from common.models import build_model
 from common.overlay import draw_slice
@@ -49,10 +49,15 @@ def explain(
     out: Path,
     *,
     method: str = "gradcam",
+    layer: str | None = None,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Predict and explain every CT slice in ``source``; write the results into ``out``."""
+    """Predict and explain every CT slice in ``source``; write the results into ``out``.
+
+    ``layer``: the ResNet stage the CAM is taken on (default: the model file's cam-layer).
+    """
     weights, fed = read_model(model_path)
+    layer = layer or fed.cam_layer
     model = build_model(replace(fed.model_config, pretrained=None))
     load_weights(model, weights)
     model.eval()
@@ -75,7 +80,7 @@ def explain(
         images = torch.stack([transform(torch.from_numpy(h)[None]) for h in hu])
         with torch.no_grad():
             probs = torch.softmax(model(images), 1).numpy()
-        cams = cam_maps(model, images, target_class=positive, method=method)
+        cams = cam_maps(model, images, target_class=positive, method=method, layer=layer)
         for (rel, frame), h, p, cam in zip(chunk, hu, probs, cams, strict=True):
             name = _png_name(rel, frame.frame)
             score, label = float(p[positive]), classes[int(np.argmax(p))]
@@ -96,6 +101,7 @@ def explain(
         "classes": classes,
         "positive_class": classes[positive],
         "method": method,
+        "layer": cam_stage_name(model, grid.image_size, layer),
         "slices": [vars(r) for r in results],
         "skipped": skipped,
     }

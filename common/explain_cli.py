@@ -16,13 +16,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="a DICOM file or a folder of DICOM files")
     parser.add_argument("--out", type=Path, required=True, help="folder for the JSON and PNGs")
     parser.add_argument("--method", choices=["gradcam", "gradcam++"], default="gradcam")
+    parser.add_argument(
+        "--layer",
+        help="ResNet stage for the CAM: auto, layer1 .. layer4 (default: the model's cam-layer "
+        "setting, normally auto: the deepest stage at least 8 cells across at its image size)",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from common.explain import explain
 
-    report = explain(args.model, args.input, args.out, method=args.method)
+    report = explain(args.model, args.input, args.out, method=args.method, layer=args.layer)
     positive = report["positive_class"]
     for s in report["slices"]:
         where = f"{s['file']} frame {s['frame']}"

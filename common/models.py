@@ -359,9 +359,15 @@ def apply_freeze(model: ResNet, policy: str) -> None:
             p.requires_grad_(True)
 
 
-def last_conv_stage(model: nn.Module) -> nn.Module:
-    """The module whose activations Grad-CAM uses (the last residual stage)."""
-    layer = getattr(model, "layer4", None)
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+CAM_LAYERS = ("auto", *RESNET_STAGES)  # auto: common/gradcam.py picks by image size
+
+
+def resnet_stage(model: nn.Module, name: str = "layer4") -> nn.Module:
+    """A residual stage of a ResNet by name (Grad-CAM's target; ``layer4`` is the last)."""
+    if name not in RESNET_STAGES:
+        raise ConfigError(f"unknown ResNet stage {name!r}; choose one of {RESNET_STAGES}")
+    layer = getattr(model, name, None)
     if not isinstance(layer, nn.Module):
-        raise ConfigError(f"{type(model).__name__} has no layer4; Grad-CAM needs a ResNet")
+        raise ConfigError(f"{type(model).__name__} has no {name}; Grad-CAM needs a ResNet")
     return layer

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # Strategies whose aggregation is exactly FedAvg's weighted mean (FedProx differs only on the
 # client): FedCT sums their updates itself, from the validated views (server/aggregate.py).
 STREAMED_MEAN = frozenset({"fedavg", "fedprox"})
+# per-site Grad-CAM averages (client/rounds.py), pooled weighted by each site's scored slices
+CAM_AVERAGES = ("cam-pointing", "cam-pointing-strict", "cam-energy")
 
 
 class FedCTMixin:
@@ -223,7 +225,8 @@ class FedCTMixin:
         actual = server_round + self.offset
         sites: dict[str, dict[str, Any]] = {}
         hist: np.ndarray | None = None
-        total = loss = correct = cam_slices = cam_pointing = cam_energy = 0.0
+        total = loss = correct = cam_slices = 0.0
+        cam_sums = dict.fromkeys(CAM_AVERAGES, 0.0)
         for msg in replies:
             if msg.has_error():
                 site = self.node_sites.get(
@@ -245,12 +248,11 @@ class FedCTMixin:
             k = float(m.get("cam-slices", 0))
             if k > 0:
                 cam_slices += k
-                cam_pointing += float(m["cam-pointing"]) * k
-                cam_energy += float(m["cam-energy"]) * k
+                for key in CAM_AVERAGES:
+                    cam_sums[key] += float(m.get(key, math.nan)) * k
         pooled: dict[str, Any] = {"num-examples": int(total), "cam-slices": int(cam_slices)}
         if cam_slices > 0:
-            pooled["cam-pointing"] = cam_pointing / cam_slices
-            pooled["cam-energy"] = cam_energy / cam_slices
+            pooled.update({key: value / cam_slices for key, value in cam_sums.items()})
         if hist is not None and total > 0:
             pooled.update(
                 {

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 from common.config import FederationConfig
 from common.dataset import site_dataset
-from common.gradcam import cam_maps
+from common.gradcam import POINTING_TOLERANCE, cam_maps
 from common.metrics import roc_from_histograms
 from common.models import build_model
 from common.overlay import draw_slice
@@ -159,7 +159,7 @@ def gradcam_gallery(fed: FederationConfig, model_path: Path, per_kind: int = 4) 
             ][:per_kind]
             if not picks or len(chosen[kind]) >= per_kind:
                 continue
-            cams = cam_maps(model, images[picks], target_class=positive)
+            cams = cam_maps(model, images[picks], target_class=positive, layer=fed.cam_layer)
             for i, cam in zip(picks, cams, strict=True):
                 hu = site.images[rows[i]].astype(np.float32)
                 chosen[kind].append(
@@ -196,9 +196,11 @@ def write_report(
     )
     pooled = history[-1].get("pooled", {}) if history else {}
     cam = (
-        f"Grad-CAM pointing game on true-positive slices with a lesion mask: "
-        f"{_num(pooled.get('cam-pointing'))} hit rate, {_num(pooled.get('cam-energy'))} of "
-        f"CAM energy inside the lesion ({pooled.get('cam-slices', 0)} slices)"
+        f"Grad-CAM pointing game on true-positive slices with a lesion mask: hit rate "
+        f"{_num(pooled.get('cam-pointing'))} (peak within {POINTING_TOLERANCE:.1%} of the image "
+        f"side of the lesion), {_num(pooled.get('cam-pointing-strict'))} strictly inside it; "
+        f"{_num(pooled.get('cam-energy'))} of CAM energy inside the lesion "
+        f"({pooled.get('cam-slices', 0)} slices)"
     )
     sections = compare_table(summary) + "".join(
         f"<h2>{title}</h2><img src='{src}' alt='{title}'>"

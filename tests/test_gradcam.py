@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from common.gradcam import cam_maps, energy_inside, localization, pointing_hit
+from common.errors import ConfigError
+from common.gradcam import (
+    POINTING_TOLERANCE,
+    cam_maps,
+    cam_peak,
+    cam_stage_name,
+    energy_inside,
+    localization,
+    pointing_hit,
+)
 from common.models import ModelConfig, build_model
 from common.preprocess import GridConfig
 from common.site import load_site
@@ -82,3 +91,47 @@ def test_cam_works_on_a_model_with_a_frozen_backbone(norm: str) -> None:
     if norm == "group":  # a random norm-free network may rightly give an all-zero map
         assert maps.max() > 0
     assert not images.requires_grad  # the caller's tensor is untouched
+
+
+def test_pointing_tolerance_is_a_distance_to_the_lesion() -> None:
+    mask = np.zeros((96, 96), dtype=bool)
+    mask[40:44, 40:44] = True  # a 4-pixel nodule
+    cam = np.zeros((96, 96), dtype=np.float32)
+    cam[42, 49] = 1.0  # 6 px right of the lesion's edge (column 43)
+    assert not pointing_hit(cam, mask)
+    assert not pointing_hit(cam, mask, tolerance=5.9)
+    assert pointing_hit(cam, mask, tolerance=6.0)
+    found = localization(np.stack([cam, cam]), np.stack([mask, mask]))
+    # the usual tolerance, 15 px at 224 px, is 6.4 px on a 96 px slice
+    assert pytest.approx(6.43, abs=0.01) == POINTING_TOLERANCE * 96
+    assert found.pointing_hit_rate == 1.0
+    assert found.strict_hit_rate == 0.0
+    far = np.zeros_like(cam)
+    far[42, 51] = 1.0  # 8 px away
+    assert localization(far[None], mask[None]).pointing_hit_rate == 0.0
+
+
+@pytest.mark.parametrize(
+    ("size", "stage"),
+    [(32, "layer1"), (64, "layer2"), (96, "layer2"), (128, "layer3"), (224, "layer3"),
+     (256, "layer4"), (512, "layer4")],
+)  # fmt: skip
+def test_auto_cam_stage_has_at_least_eight_cells_across(size: int, stage: str) -> None:
+    model = build_model(ModelConfig()).train()
+    assert cam_stage_name(model, size) == stage
+    assert model.training  # the probe pass leaves the model's mode alone
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert cam_stage_name(model, size, "layer4") == "layer4"
+    with pytest.raises(ConfigError, match="unknown ResNet stage"):
+        cam_stage_name(model, size, "layer5")
+
+
+def test_cam_on_a_finer_stage_can_point_between_last_stage_cells() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).eval()
+    images = torch.randn(4, 3, 96, 96)
+    # the last stage's 3x3 cells put every peak on a cell centre (15.5, 47.5 or 79.5 px)
+    coarse = [cam_peak(c) for c in cam_maps(model, images, target_class=1, layer="layer4")]
+    assert all(p is None or set(p) <= {15, 16, 47, 48, 79, 80} for p in coarse)
+    fine = [cam_peak(c) for c in cam_maps(model, images, target_class=1)]  # auto: layer2
+    assert any(p is not None and not set(p) <= {15, 16, 47, 48, 79, 80} for p in fine)
