@@ -57,7 +57,6 @@ def explain(
     ``layer``: the ResNet stage the CAM is taken on (default: the model file's cam-layer).
     """
     weights, fed = read_model(model_path)
-    layer = layer or fed.cam_layer
     model = build_model(replace(fed.model_config, pretrained=None))
     load_weights(model, weights)
     model.eval()
@@ -65,6 +64,7 @@ def explain(
     positive = len(classes) - 1
     transform = eval_transform(fed.preprocess.windows)
     grid = fed.preprocess.grid
+    stage = cam_stage_name(model, grid.image_size, layer or fed.cam_layer)
 
     frames, skipped = _read(source)
     if not frames:
@@ -80,7 +80,7 @@ def explain(
         images = torch.stack([transform(torch.from_numpy(h)[None]) for h in hu])
         with torch.no_grad():
             probs = torch.softmax(model(images), 1).numpy()
-        cams = cam_maps(model, images, target_class=positive, method=method, layer=layer)
+        cams = cam_maps(model, images, target_class=positive, method=method, layer=stage)
         for (rel, frame), h, p, cam in zip(chunk, hu, probs, cams, strict=True):
             name = _png_name(rel, frame.frame)
             score, label = float(p[positive]), classes[int(np.argmax(p))]
@@ -101,7 +101,7 @@ def explain(
         "classes": classes,
         "positive_class": classes[positive],
         "method": method,
-        "layer": cam_stage_name(model, grid.image_size, layer),
+        "layer": stage,
         "slices": [vars(r) for r in results],
         "skipped": skipped,
     }

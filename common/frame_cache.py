@@ -218,7 +218,7 @@ def _decode_with_helpers(
         for index in reversed(range(len(chunks))):
             if not futures[index].cancel():
                 break  # the helpers have reached this chunk: the ones before it are theirs
-            done[index] = [work(path) for path in chunks[index]]
+            done[index] = _decode_chunk(work, chunks[index])
             bar.update(len(chunks[index]))
         for index, future in enumerate(futures):
             if done[index] is None:
@@ -232,7 +232,7 @@ def _decode_with_helpers(
             pool.shutdown(wait=False, cancel_futures=True)
     for index, chunk in enumerate(chunks):
         if done[index] is None:
-            done[index] = [work(path) for path in chunk]
+            done[index] = _decode_chunk(work, chunk)
             bar.update(len(chunk))
     return [result for results in done if results is not None for result in results]
 

@@ -363,7 +363,7 @@ RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 CAM_LAYERS = ("auto", *RESNET_STAGES)  # auto: common/gradcam.py picks by image size
 
 
-def resnet_stage(model: nn.Module, name: str = "layer4") -> nn.Module:
+def resnet_stage(model: nn.Module, name: str) -> nn.Module:
     """A residual stage of a ResNet by name (Grad-CAM's target; ``layer4`` is the last)."""
     if name not in RESNET_STAGES:
         raise ConfigError(f"unknown ResNet stage {name!r}; choose one of {RESNET_STAGES}")

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 from common.config import FederationConfig
 from common.dataset import site_dataset
-from common.gradcam import POINTING_TOLERANCE, cam_maps
+from common.gradcam import POINTING_TOLERANCE, cam_maps, cam_stage_name
 from common.metrics import roc_from_histograms
 from common.models import build_model
 from common.overlay import draw_slice
@@ -129,6 +129,7 @@ def gradcam_gallery(fed: FederationConfig, model_path: Path, per_kind: int = 4) 
     model = build_model(replace(fed.model_config, pretrained=None))
     load_weights(model, load_file(str(model_path)))
     model.eval()
+    stage = cam_stage_name(model, fed.preprocess.grid.image_size, fed.cam_layer)
     positive = len(fed.class_names) - 1
     chosen: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray | None, str]]] = {
         "true positive": [],
@@ -159,7 +160,7 @@ def gradcam_gallery(fed: FederationConfig, model_path: Path, per_kind: int = 4) 
             ][:per_kind]
             if not picks or len(chosen[kind]) >= per_kind:
                 continue
-            cams = cam_maps(model, images[picks], target_class=positive, layer=fed.cam_layer)
+            cams = cam_maps(model, images[picks], target_class=positive, layer=stage)
             for i, cam in zip(picks, cams, strict=True):
                 hu = site.images[rows[i]].astype(np.float32)
                 chosen[kind].append(
