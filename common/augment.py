@@ -3,7 +3,8 @@ ones). Geometry and noise act in HU, before windowing, so padding is air and noi
 units; the window itself is jittered, as radiologists' and scanners' windows differ.
 
 Input: ``(1, S, S)`` float32 HU (one cached frame). Output: ``(C, S, S)`` normalized, one
-channel per window.
+channel per window. A lesion mask passed beside the frame as a ``tv_tensors.Mask`` takes the same
+flips and affine moves (nearest-neighbour, filled with 0) and no CT-specific step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from common.dicom_io import HU_AIR
@@ -64,6 +66,8 @@ class Windowing(v2.Transform):
         }
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return inpt
         return apply_windows(inpt, params["windows"])
 
 
@@ -79,7 +83,7 @@ class HUNoise(v2.Transform):
         return {"sigma": float(torch.rand(())) * self.max_hu}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if params["sigma"] == 0:
+        if params["sigma"] == 0 or isinstance(inpt, tv_tensors.Mask):
             return inpt
         return inpt + torch.randn_like(inpt) * params["sigma"]
 
@@ -108,7 +112,7 @@ def train_transform(windows: Sequence[Window], cfg: AugmentConfig | None = None)
                 translate=(cfg.translate, cfg.translate),
                 scale=cfg.scale,
                 interpolation=v2.InterpolationMode.BILINEAR,
-                fill=HU_AIR,
+                fill={tv_tensors.Mask: 0, "others": HU_AIR},
             )
         )
     if cfg.hflip > 0:

@@ -11,6 +11,14 @@ torchvision-format state dict that the ``pretrained`` setting reads. With ``norm
 the federation's DP model computes exactly this network (each BatchNorm folded into its
 convolution).
 
+Where the public folders outline their lesions (``SITE/masks/``, as LIDC-IDRI's nodule
+contours do), pretraining also learns *where* the lesion is: a 1x1 convolution on the stage
+Grad-CAM reads (``cam-layer``) predicts, cell by cell, whether the lesion covers it, and its loss
+is added to the classification loss (multi-task training, as in attention-supervised CNNs). The
+head is dropped afterwards; what stays is a backbone whose features at that stage mark the
+lesion's place. Without it, what a backbone keeps of the lesion's place varied by draw (Grad-CAM
+pointing 0.29 vs 0.99 with it, on the same public set and seed; README, Known limits).
+
 Nothing here may ever see a participating hospital's data: it trains without privacy.
 """
 
@@ -33,11 +41,13 @@ from tqdm import tqdm
 
 from common.augment import AUGMENTATIONS
 from common.config import FederationConfig
-from common.dataset import CTSlices, site_dataset
+from common.dataset import CTSlices, site_dataset, site_lesion_dataset
 from common.errors import ConfigError
 from common.evaluation import evaluate
 from common.fileio import atomic_write
+from common.gradcam import cam_stage_name
 from common.metrics import binary_metrics
+from common.models import resnet_stage
 from common.seeding import derive_seed
 from common.site import load_site
 
@@ -49,6 +59,13 @@ METADATA_KEY = "fedct-pretraining"
 # (affine, noise, window jitter) 0.61-0.64 -- a few hundred slices and a few epochs cannot
 # afford to learn the invariances the full pipeline asks for.
 PRETRAIN_AUGMENTATION = AUGMENTATIONS["flips"]
+# The lesion loss: its weight beside the classification loss, and the weight of a lesion cell
+# against a lesion-free one (a 4-30 mm nodule covers 1-4 of a slice's 144 cells at 96 px, and
+# most slices have none). Measured on the demo's public set (seed 1): weight 1 with 20 gave
+# Grad-CAM pointing 0.99 on the hospitals' true positives, public held-out AUROC 0.90 (0.89
+# without the loss).
+LESION_WEIGHT = 1.0
+LESION_CELL_WEIGHT = 20.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,9 @@ class PretrainResult:
     epochs: int
     held_out_auroc: float  # on the public folders' own held-out patients
     seconds: float
+    lesion_slices: int = 0  # training slices with a lesion mask (0: no lesion loss)
+    lesion_stage: str | None = None  # the stage the lesion loss taught
+    lesion_weight: float = 0.0
 
 
 def stock_resnet(fed: FederationConfig) -> torchvision.models.ResNet:
@@ -78,6 +98,7 @@ def pretrain(
     *,
     epochs: int = 10,
     learning_rate: float = 1e-3,
+    lesion_weight: float = LESION_WEIGHT,
     cache_root: Path,
     seed: int = 0,
     progress: bool = True,
@@ -85,12 +106,15 @@ def pretrain(
     """Train a BatchNorm ResNet on the public folders and write its state dict to ``out``.
 
     Adam with cosine decay and horizontal flips; the split, grid and windows are the
-    federation's, so the weights fit its model and preprocessing.
+    federation's, so the weights fit its model and preprocessing. With ``lesion_weight`` > 0 and
+    lesion masks in the folders, the lesion loss (module docstring) is added.
     """
     if not public_sites:
         raise ConfigError("pretraining needs at least one public data folder")
     if epochs < 1:
         raise ConfigError(f"pretraining epochs must be at least 1, got {epochs}")
+    if not (math.isfinite(lesion_weight) and lesion_weight >= 0):
+        raise ConfigError(f"the lesion loss weight must be >= 0 (0: off), got {lesion_weight}")
     start = time.perf_counter()
     train_parts, held_out = [], []
     for folder in public_sites:
@@ -103,12 +127,11 @@ def pretrain(
         )
         classes, windows = fed.class_names, fed.preprocess.windows
         train_parts.append(
-            site_dataset(
+            site_lesion_dataset(
                 site,
                 "train",
                 classes=classes,
                 windows=windows,
-                train=True,
                 seed=seed,
                 augment=PRETRAIN_AUGMENTATION,
             )
@@ -116,10 +139,15 @@ def pretrain(
         held_out.append(
             site_dataset(site, site.eval_split(), classes=classes, windows=windows, train=False)
         )
-    train: ConcatDataset[tuple[torch.Tensor, int]] = ConcatDataset(train_parts)
+    train: ConcatDataset[tuple[torch.Tensor, int, torch.Tensor, bool]] = ConcatDataset(train_parts)
     torch.manual_seed(derive_seed(seed, "pretrain") % 2**31)
     model = stock_resnet(fed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    lesion_slices = sum(part.known for part in train_parts) if lesion_weight > 0 else 0
+    lesions = _LesionHead(model, fed) if lesion_slices else None
+    if lesions is None:
+        log.info("pretraining without the lesion loss (no lesion masks, or its weight is 0)")
+    params = list(model.parameters()) + (list(lesions.parameters()) if lesions else [])
+    optimizer = torch.optim.Adam(params, lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     generator = torch.Generator().manual_seed(derive_seed(seed, "pretrain-loader") % 2**63)
     if len(train) < 2:
@@ -137,9 +165,11 @@ def pretrain(
         model.train()
         losses = []
         bar = tqdm(loader, desc=f"pretraining epoch {epoch + 1}/{epochs}", disable=not progress)
-        for images, targets in bar:
+        for images, targets, masks, known in bar:
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(images), targets)
+            if lesions is not None:
+                loss = loss + lesion_weight * lesions.loss(masks, known)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
@@ -154,6 +184,8 @@ def pretrain(
             auroc,
         )
     model.eval()
+    if lesions is not None:
+        lesions.close()
     result = PretrainResult(
         out,
         len(train),
@@ -161,9 +193,51 @@ def pretrain(
         epochs,
         auroc,
         time.perf_counter() - start,
+        lesion_slices,
+        lesions.stage if lesions else None,
+        lesion_weight if lesions else 0.0,
     )
     _save(model, fed, result)
     return result
+
+
+class _LesionHead(nn.Module):
+    """Predicts from the CAM stage's features which of its cells the lesion covers."""
+
+    def __init__(self, model: nn.Module, fed: FederationConfig) -> None:
+        super().__init__()
+        self.stage = cam_stage_name(model, fed.image_size, fed.cam_layer)
+        channels = fed.preprocess.channels
+        shapes: list[torch.Size] = []
+        probe = resnet_stage(model, self.stage).register_forward_hook(
+            lambda _m, _i, out: shapes.append(out.shape)
+        )
+        was_training = model.training
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, fed.image_size, fed.image_size))
+        probe.remove()
+        model.train(was_training)
+        self.cells = nn.Conv2d(shapes[0][1], 1, kernel_size=1)
+        self._features: torch.Tensor | None = None
+        self._hook = resnet_stage(model, self.stage).register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        self._features = out
+
+    def loss(self, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """Cell-wise binary cross-entropy on the last forward pass's slices whose lesion place
+        is known (a cell is a lesion cell if the mask touches it)."""
+        if self._features is None or not bool(known.any()):
+            return torch.zeros(())
+        features = self._features[known]
+        target = nn.functional.adaptive_max_pool2d(masks[known], features.shape[-2:])
+        return nn.functional.binary_cross_entropy_with_logits(
+            self.cells(features), target, pos_weight=torch.tensor(LESION_CELL_WEIGHT)
+        )
+
+    def close(self) -> None:
+        self._hook.remove()
+        self._features = None
 
 
 def _held_out_auroc(model: nn.Module, held_out: list[CTSlices]) -> float:
@@ -185,6 +259,15 @@ def _save(model: nn.Module, fed: FederationConfig, result: PretrainResult) -> No
         "epochs": result.epochs,
         "train-slices": result.train_slices,
         "held-out-auroc": round(result.held_out_auroc, 4),
+        "lesion-supervision": (
+            {
+                "stage": result.lesion_stage,
+                "weight": result.lesion_weight,
+                "slices-with-masks": result.lesion_slices,
+            }
+            if result.lesion_stage
+            else None
+        ),
     }
     result.path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(

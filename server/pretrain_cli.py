@@ -22,6 +22,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, help="frame cache folder (default: next to --out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--lesion-weight",
+        type=float,
+        default=None,
+        help="weight of the lesion loss, learnt where the folders have lesion masks "
+        "(SITE/masks/); 0 turns it off (default: 1.0, the measured weight)",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -34,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from common.config import FederationConfig, parse_overrides
     from common.errors import ConfigError
-    from server.pretrain import pretrain
+    from server.pretrain import LESION_WEIGHT, pretrain
 
     if args.out.suffix != ".safetensors":
         raise ConfigError(f"--out must name a .safetensors file, got {args.out}")
@@ -49,10 +56,16 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         cache_root=args.cache or args.out.parent / ".fedct-pretrain-cache",
         seed=args.seed,
+        lesion_weight=LESION_WEIGHT if args.lesion_weight is None else args.lesion_weight,
+    )
+    lesions = (
+        f"lesion loss on {result.lesion_stage} from {result.lesion_slices} outlined slices"
+        if result.lesion_stage
+        else "no lesion loss"
     )
     print(
         f"wrote {result.path}: {result.train_slices} training slices, {result.epochs} epochs, "
-        f"held-out AUROC {result.held_out_auroc:.3f} ({result.seconds:.0f} s)\n"
+        f"held-out AUROC {result.held_out_auroc:.3f}, {lesions} ({result.seconds:.0f} s)\n"
         f"Start a federation from it with: --set pretrained={result.path.resolve()}"
     )
     return 0

@@ -107,9 +107,10 @@ def prepare_pretrained(
                 cache_root=paths.out / "public-cache",
                 seed=seed,
             )
+            lesions = f", lesion loss on {result.lesion_stage}" if result.lesion_stage else ""
             console.print(
-                f"pretrained: held-out AUROC {result.held_out_auroc:.3f} on the public set "
-                f"({result.seconds:.0f} s)"
+                f"pretrained: held-out AUROC {result.held_out_auroc:.3f} on the public set"
+                f"{lesions} ({result.seconds:.0f} s)"
             )
         path = weights
     else:
@@ -123,9 +124,11 @@ def prepare_pretrained(
 
 
 def _pretraining_key(fed: FederationConfig) -> str:
+    from server.pretrain import LESION_WEIGHT
+
     about = (
         f"{fed.model}|{fed.image_size}|{fed.windows}|{fed.classes}|{fed.target_spacing_mm}"
-        f"|public x{PUBLIC_SCALE:g}"
+        f"|public x{PUBLIC_SCALE:g}|lesion {LESION_WEIGHT:g}@{fed.cam_layer}"
     )
     return f"{fed.model}-{fed.image_size}px-{hashlib.sha256(about.encode()).hexdigest()[:8]}"
 
