@@ -63,8 +63,9 @@ class SimulationPaths:
 # other patients, drawn with another seed, never any participating hospital's. Twice the
 # hospitals' number of patients: with as many as one federation holds (544 training slices) the
 # pretrained network memorised them and its quality was a matter of the draw (the demo's pooled
-# AUROC 0.58 / 0.78 / 0.84 for seeds 0 / 1 / 2); with twice as many it is 0.96 / 0.88 / 0.91,
-# for ~90 s more (half the epochs: 0.95 / 0.83 / 0.84). README, Known limits.
+# AUROC 0.58 / 0.78 / 0.84 for seeds 0 / 1 / 2); with twice as many it was 0.96 / 0.88 / 0.91,
+# for ~90 s more (half the epochs: 0.95 / 0.83 / 0.84), and 0.98 / 0.90 / 0.92 once pretraining
+# also learnt the public nodules' outlines. README, Known limits.
 PUBLIC_SEED_OFFSET = 1000
 PUBLIC_SCALE = 2.0
 # DP fine-tuning of a pretrained model: only the classifier head (1,026 parameters for
