@@ -71,6 +71,11 @@ def test_pretrain_writes_weights_and_rejects_bad_arguments(
     args = ["pretrain", str(tiny_site), "--out", str(out), "--epochs", "1"]
     assert main([*args, "--set", "image-size=32"]) == 0
     assert out.is_file()
-    assert f"pretrained={out.resolve()}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"pretrained={out.resolve()}" in printed
+    assert "lesion loss on layer1" in printed  # the tiny site outlines its nodules
+    assert main([*args, "--set", "image-size=32", "--lesion-weight", "0"]) == 0
+    assert "no lesion loss" in capsys.readouterr().out
+    assert main([*args, "--set", "image-size=32", "--lesion-weight", "-1"]) == 1
     assert main(["pretrain", str(tiny_site), "--out", str(tmp_path / "w.pth")]) == 1
     assert main(["pretrain", str(tmp_path / "absent"), "--out", str(out)]) == 1
