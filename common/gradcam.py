@@ -27,7 +27,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from common.errors import ConfigError
-from common.models import RESNET_STAGES, resnet_stage
+from common.models import RESNET_STAGES, resnet_stage, stage_shapes
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 
@@ -42,30 +42,9 @@ def cam_stage_name(model: nn.Module, image_size: int, layer: str = "auto") -> st
     if layer != "auto":
         resnet_stage(model, layer)  # validates the name
         return layer
-    widths = _stage_widths(model, image_size)
-    fine_enough = [name for name in RESNET_STAGES if widths[name] >= MIN_CAM_CELLS]
+    shapes = stage_shapes(model, image_size)
+    fine_enough = [name for name in RESNET_STAGES if shapes[name][-1] >= MIN_CAM_CELLS]
     return fine_enough[-1] if fine_enough else RESNET_STAGES[0]
-
-
-def _stage_widths(model: nn.Module, image_size: int) -> dict[str, int]:
-    """Each stage's map width for an ``image_size`` input, from one forward pass of zeros."""
-    widths: dict[str, int] = {}
-    hooks = [
-        resnet_stage(model, name).register_forward_hook(
-            lambda _m, _i, out, name=name: widths.__setitem__(name, int(out.shape[-1]))
-        )
-        for name in RESNET_STAGES
-    ]
-    was_training = model.training
-    try:
-        channels = next(p.shape[1] for p in model.parameters() if p.dim() == 4)
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, image_size, image_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return widths
 
 
 def cam_maps(

@@ -371,3 +371,25 @@ def resnet_stage(model: nn.Module, name: str) -> nn.Module:
     if not isinstance(layer, nn.Module):
         raise ConfigError(f"{type(model).__name__} has no {name}; Grad-CAM needs a ResNet")
     return layer
+
+
+def stage_shapes(model: nn.Module, image_size: int) -> dict[str, tuple[int, int, int]]:
+    """Each residual stage's output ``(channels, height, width)`` for one ``image_size`` slice,
+    from a forward pass of zeros (the model's mode is restored)."""
+    shapes: dict[str, tuple[int, int, int]] = {}
+    hooks = [
+        resnet_stage(model, name).register_forward_hook(
+            lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:]))
+        )
+        for name in RESNET_STAGES
+    ]
+    was_training = model.training
+    try:
+        channels = next(p.shape[1] for p in model.parameters() if p.dim() == 4)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return shapes

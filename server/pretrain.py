@@ -47,7 +47,7 @@ from common.evaluation import evaluate
 from common.fileio import atomic_write
 from common.gradcam import cam_stage_name
 from common.metrics import binary_metrics
-from common.models import resnet_stage
+from common.models import resnet_stage, stage_shapes
 from common.seeding import derive_seed
 from common.site import load_site
 
@@ -207,17 +207,8 @@ class _LesionHead(nn.Module):
     def __init__(self, model: nn.Module, fed: FederationConfig) -> None:
         super().__init__()
         self.stage = cam_stage_name(model, fed.image_size, fed.cam_layer)
-        channels = fed.preprocess.channels
-        shapes: list[torch.Size] = []
-        probe = resnet_stage(model, self.stage).register_forward_hook(
-            lambda _m, _i, out: shapes.append(out.shape)
-        )
-        was_training = model.training
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, fed.image_size, fed.image_size))
-        probe.remove()
-        model.train(was_training)
-        self.cells = nn.Conv2d(shapes[0][1], 1, kernel_size=1)
+        channels = stage_shapes(model, fed.image_size)[self.stage][0]
+        self.cells = nn.Conv2d(channels, 1, kernel_size=1)
         self._features: torch.Tensor | None = None
         self._hook = resnet_stage(model, self.stage).register_forward_hook(self._keep)
 

@@ -19,7 +19,7 @@ from common.errors import ConfigError
 from common.gradcam import cam_stage_name
 from common.preprocess import Window
 from common.site import load_site
-from server.pretrain import METADATA_KEY, _LesionHead, pretrain, stock_resnet
+from server.pretrain import METADATA_KEY, PretrainResult, _LesionHead, pretrain, stock_resnet
 
 WINDOWS = (Window(-600.0, 1500.0), Window(40.0, 400.0))
 
@@ -37,9 +37,11 @@ def test_a_lesion_mask_takes_its_images_augmentation() -> None:
     for epoch in range(6):
         data.set_epoch(epoch)
         image, target, lesion, known = data[0]
-        assert target == 1 and known
+        assert target == 1
+        assert known
         assert torch.equal(image, slices[0][0])  # the very image the plain dataset gives
-        assert set(lesion.unique().tolist()) <= {0.0, 1.0} and lesion.sum() > 0
+        assert set(lesion.unique().tolist()) <= {0.0, 1.0}
+        assert lesion.sum() > 0
         inside = image[1][lesion[0] > 0].mean()
         outside = image[1][lesion[0] == 0].mean()
         assert inside > outside + 1.0  # the mask still covers the bright pixels
@@ -58,7 +60,8 @@ def test_site_lesion_dataset_reads_the_sites_masks(tiny_site: Path) -> None:
     data = site_lesion_dataset(site, "train", classes=("normal", "nodule"), windows=WINDOWS)
     rows = site.indices("train")
     outlined = sum(site.lesion_mask(int(r)) is not None for r in rows)
-    assert outlined > 0 and data.known == outlined
+    assert outlined > 0
+    assert data.known == outlined
     for i in range(len(data)):
         _, target, lesion, known = data[i]
         assert known == (target == 0 or lesion.sum() > 0)
@@ -99,20 +102,27 @@ def test_pretraining_learns_lesions_only_where_they_are_outlined(
     tmp_path: Path, tiny_site: Path
 ) -> None:
     fed = FederationConfig(image_size=32)
-    kwargs = {"epochs": 1, "cache_root": tmp_path / "cache", "progress": False}
-    taught = pretrain([tiny_site], fed, tmp_path / "a.safetensors", **kwargs)  # type: ignore[arg-type]
-    assert taught.lesion_stage == "layer1" and taught.lesion_slices > 0
+
+    def run(name: str, weight: float = 1.0) -> PretrainResult:
+        out = tmp_path / name
+        cache = tmp_path / "cache"
+        return pretrain(
+            [tiny_site], fed, out, epochs=1, cache_root=cache, progress=False, lesion_weight=weight
+        )
+
+    taught = run("a.safetensors")
+    assert taught.lesion_stage == "layer1"  # 8 cells across at 32 px
+    assert taught.lesion_slices > 0
     about = _lesion_metadata(taught.path)
     assert about == {"stage": "layer1", "weight": 1.0, "slices-with-masks": taught.lesion_slices}
     with safe_open(str(taught.path), framework="pt") as handle:
         keys = set(handle.keys())
     assert keys == set(stock_resnet(fed).state_dict())  # the lesion head is not kept
 
-    off = pretrain([tiny_site], fed, tmp_path / "b.safetensors", lesion_weight=0.0, **kwargs)  # type: ignore[arg-type]
+    off = run("b.safetensors", weight=0.0)
     assert (off.lesion_stage, off.lesion_slices, _lesion_metadata(off.path)) == (None, 0, None)
     shutil.rmtree(tiny_site / "masks")
-    bare = pretrain([tiny_site], fed, tmp_path / "c.safetensors", **kwargs)  # type: ignore[arg-type]
-    assert bare.lesion_stage is None
+    assert run("c.safetensors").lesion_stage is None  # nothing outlined: nothing to learn
     for bad in (-1.0, float("nan")):
         with pytest.raises(ConfigError, match="lesion loss weight"):
-            pretrain([tiny_site], fed, tmp_path / "d.safetensors", lesion_weight=bad, **kwargs)  # type: ignore[arg-type]
+            run("d.safetensors", weight=bad)
