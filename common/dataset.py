@@ -67,7 +67,7 @@ class LesionSlices(Dataset[tuple[torch.Tensor, int, torch.Tensor, bool]]):
 
     @property
     def known(self) -> int:
-        """How many slices with a lesion mask (of any class other than the first)."""
+        """How many slices outline a lesion (a non-empty mask): what teaches the lesion loss."""
         return sum(m is not None and bool(m.any()) for m in self.masks)
 
     def set_epoch(self, epoch: int) -> None:
