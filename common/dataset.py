@@ -122,12 +122,16 @@ def site_lesion_dataset(
     windows: Sequence[Window],
     seed: int = 0,
     augment: AugmentConfig | None = None,
+    outlines: bool = True,
 ) -> LesionSlices:
     """The training slices of ``split`` with their lesion masks (``SITE/masks/``): slices of the
-    first class (``normal``) are known to hold none; others without a mask are unknown."""
+    first class (``normal``) are known to hold none; others without a mask are unknown. With
+    ``outlines=False`` no mask is read and every place is unknown."""
     plain = site_dataset(
         site, split, classes=classes, windows=windows, train=True, seed=seed, augment=augment
     )
+    if not outlines:
+        return LesionSlices(plain, [None] * len(plain))
     masks: list[np.ndarray | None] = []
     for row, target in zip(site.indices(split), plain.targets, strict=True):
         mask = site.lesion_mask(int(row))

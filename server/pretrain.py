@@ -80,6 +80,13 @@ class PretrainResult:
     lesion_stage: str | None = None  # the stage the lesion loss taught
     lesion_weight: float = 0.0
 
+    @property
+    def lesions(self) -> str:
+        """What the lesion loss did, for the command line."""
+        if not self.lesion_stage:
+            return "no lesion loss"
+        return f"lesion loss on {self.lesion_stage} from {self.lesion_slices} outlined slices"
+
 
 def stock_resnet(fed: FederationConfig) -> torchvision.models.ResNet:
     """torchvision's BatchNorm ResNet with the federation's classes and input channels."""
@@ -134,6 +141,7 @@ def pretrain(
                 windows=windows,
                 seed=seed,
                 augment=PRETRAIN_AUGMENTATION,
+                outlines=lesion_weight > 0,
             )
         )
         held_out.append(

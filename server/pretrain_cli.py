@@ -58,14 +58,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         lesion_weight=LESION_WEIGHT if args.lesion_weight is None else args.lesion_weight,
     )
-    lesions = (
-        f"lesion loss on {result.lesion_stage} from {result.lesion_slices} outlined slices"
-        if result.lesion_stage
-        else "no lesion loss"
-    )
     print(
         f"wrote {result.path}: {result.train_slices} training slices, {result.epochs} epochs, "
-        f"held-out AUROC {result.held_out_auroc:.3f}, {lesions} ({result.seconds:.0f} s)\n"
+        f"held-out AUROC {result.held_out_auroc:.3f}, {result.lesions} ({result.seconds:.0f} s)\n"
         f"Start a federation from it with: --set pretrained={result.path.resolve()}"
     )
     return 0

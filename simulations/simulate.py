@@ -108,10 +108,9 @@ def prepare_pretrained(
                 cache_root=paths.out / "public-cache",
                 seed=seed,
             )
-            lesions = f", lesion loss on {result.lesion_stage}" if result.lesion_stage else ""
             console.print(
-                f"pretrained: held-out AUROC {result.held_out_auroc:.3f} on the public set"
-                f"{lesions} ({result.seconds:.0f} s)"
+                f"pretrained: held-out AUROC {result.held_out_auroc:.3f} on the public set, "
+                f"{result.lesions} ({result.seconds:.0f} s)"
             )
         path = weights
     else:
