@@ -169,7 +169,10 @@ def _ghost_is_cheaper(columns: Tensor, grads: Tensor) -> bool:
 def _convolution(
     layer: nn.Conv2d, x: Tensor, backprops: Tensor
 ) -> tuple[dict[Tensor, Tensor], ClippedSum]:
-    columns, grads = unfolded(layer, x, backprops)  # (n, K, T), (n, O, T)
+    if not layer.weight.requires_grad:  # bias only (freeze = bias): no need to unfold the input
+        columns, grads = x.new_empty(0), backprops.flatten(2)
+    else:
+        columns, grads = unfolded(layer, x, backprops)  # (n, K, T), (n, O, T)
     # weight-standardized: the output kept at its forward pass (None exactly for plain convs)
     responses = _kept(layer, "_responses").pop() if isinstance(layer, WSConv2d) else None
     norms: dict[Tensor, Tensor] = {}

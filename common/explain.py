@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,9 @@ from common.augment import eval_transform
 from common.dicom_io import CTFrame, UnusableFileError, read_ct_file
 from common.errors import ConfigError
 from common.gradcam import cam_maps, cam_stage_name
-from common.model_file import read_model
-from common.models import build_model
+from common.model_file import load_model
 from common.overlay import draw_slice
 from common.preprocess import to_model_grid
-from common.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +54,7 @@ def explain(
 
     ``layer``: the ResNet stage the CAM is taken on (default: the model file's cam-layer).
     """
-    weights, fed = read_model(model_path)
-    model = build_model(replace(fed.model_config, pretrained=None))
-    load_weights(model, weights)
-    model.eval()
+    model, fed = load_model(model_path)
     classes = list(fed.class_names)
     positive = len(classes) - 1
     transform = eval_transform(fed.preprocess.windows)

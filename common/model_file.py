@@ -4,8 +4,9 @@ needed to use them (architecture, classes, grid, windows) as safetensors metadat
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -14,7 +15,11 @@ from safetensors.numpy import save_file
 from common.config import FederationConfig
 from common.errors import ConfigError
 from common.fileio import atomic_write
-from common.weights import Weights
+from common.models import build_model
+from common.weights import Weights, load_weights
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 CONFIG_KEY = "fedct-config"
 # where the run wrote and read on the server: not needed to use the model, and not shared
@@ -45,3 +50,11 @@ def read_model(path: Path) -> tuple[Weights, FederationConfig]:
         )
     fed = FederationConfig.from_mapping(json.loads(metadata[CONFIG_KEY]))
     return weights, fed
+
+
+def load_model(path: Path) -> tuple[ResNet, FederationConfig]:
+    """The model in a FedCT model file, built from its own settings, in eval mode."""
+    weights, fed = read_model(path)
+    model = build_model(replace(fed.model_config, pretrained=None))
+    load_weights(model, weights)
+    return model.eval(), fed

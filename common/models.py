@@ -36,7 +36,7 @@ from common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ARCHITECTURES: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {}
-FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "last1", "last2", "last3")
+FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "bias", "last1", "last2", "last3")
 NORMS: tuple[str, ...] = ("group", "folded")
 
 
@@ -150,7 +150,8 @@ class ModelConfig:
         if self.freeze not in FREEZE_POLICIES:
             raise ConfigError(
                 f"unknown freeze policy {self.freeze!r}; choose one of {', '.join(FREEZE_POLICIES)}"
-                " (none: train all; head: only the classifier; lastN: head + last N stages)"
+                " (none: train all; head: only the classifier; bias: the head and every bias;"
+                " lastN: head + last N stages)"
             )
 
 
@@ -340,14 +341,23 @@ def _to_one_channel(model: ResNet) -> None:
 
 
 def apply_freeze(model: ResNet, policy: str) -> None:
-    """Freeze all but the head (``head``) or the head and the last N stages (``lastN``).
+    """Freeze all but the head (``head``), the head and every bias (``bias``), or the head and
+    the last N stages (``lastN``).
 
     Frozen parameters get no gradient, so Opacus computes no per-sample gradient and adds no
-    noise for them: DP fine-tuning gets faster and more accurate.
+    noise for them: DP fine-tuning gets faster and more accurate. ``bias`` is BitFit (Ben Zaken
+    et al., 2022; under DP, Bu et al., 2024): in a folded network each convolution's bias is
+    its folded BatchNorm's shift, so the sites re-centre every channel (a scanner's contrast
+    and noise level) while the pretrained filters stay as they are: 5,826 of ResNet-18's 11.2M
+    parameters (2 classes), so DP noise is spread over few coordinates.
     """
     if policy == "none":
         for p in model.parameters():
             p.requires_grad_(True)
+        return
+    if policy == "bias":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("fc.") or name.endswith(".bias"))
         return
     trainable_stages = 0 if policy == "head" else int(policy.removeprefix("last"))
     stages = [model.layer1, model.layer2, model.layer3, model.layer4]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,9 @@ import torch
 
 from common.augment import eval_transform
 from common.gradcam import METHODS, POINTING_TOLERANCE, cam_maps, localization
-from common.model_file import read_model
-from common.models import RESNET_STAGES, build_model
+from common.model_file import load_model
+from common.models import RESNET_STAGES
 from common.site import load_site
-from common.weights import load_weights
 
 
 def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -45,10 +43,7 @@ def _fill(hu: np.ndarray, region: np.ndarray, ring: np.ndarray) -> np.ndarray:
 
 
 def study(out: Path, splits: list[str], method: str, seed: int = 0) -> dict[str, Any]:
-    weights, fed = read_model(out / "federation" / "final_model.safetensors")
-    model = build_model(replace(fed.model_config, pretrained=None))
-    load_weights(model, weights)
-    model.eval()
+    model, fed = load_model(out / "federation" / "final_model.safetensors")
     transform = eval_transform(fed.preprocess.windows)
     rng = np.random.default_rng(seed)
     masks: list[np.ndarray] = []

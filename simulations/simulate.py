@@ -227,13 +227,19 @@ def add_comparison(
     """Train the centralized and local-only baselines; add the table to ``summary.json``."""
     from dataclasses import asdict
 
-    from simulations.compare import compare, federated_row
+    from simulations.compare import compare, versus_text
 
     console.print("training the comparison models (centralized, local-only) ...")
-    rows = [federated_row(fed, read_metrics(paths.metrics)[-1])]
-    rows += compare(fed, Path(fed.data_root), paths.federation / "sites")
+    rows = compare(
+        fed,
+        Path(fed.data_root),
+        paths.federation / "sites",
+        federated=paths.federation / "final_model.safetensors",
+    )
     summary = {**summary, "compare": [asdict(r) for r in rows]}
     (paths.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    console.print(f"{'model':<26} {'pooled AUROC':>12}  vs federated [95% interval]")
     for r in rows:
-        console.print(f"{r.model:<28} pooled AUROC {r.pooled:.3f}")
+        versus = versus_text(r.vs_federated, r.vs_federated_ci)
+        console.print(f"{r.model:<26} {r.pooled:>12.3f}  {versus}")
     return summary

@@ -35,7 +35,7 @@ def _clipped_sum_by_definition(
 
 
 @pytest.mark.parametrize("norm", ["group", "folded"])
-@pytest.mark.parametrize("freeze", ["none", "last1"])
+@pytest.mark.parametrize("freeze", ["none", "last1", "bias"])
 @pytest.mark.parametrize("clip", [1e-3, 1e6])  # every sample clipped / none clipped
 def test_bookkeeping_gives_the_clipped_sum_of_true_per_sample_gradients(
     norm: str, freeze: str, clip: float

@@ -86,6 +86,20 @@ def test_freeze_policy(policy: str, stages: int) -> None:
     assert trainable == {"fc", *[f"layer{5 - k}" for k in range(1, stages + 1)]}
 
 
+@pytest.mark.parametrize("norm", ["folded", "group"])
+def test_bias_freeze_policy_trains_the_head_and_every_bias(norm: str) -> None:
+    model = build_model(ModelConfig(norm=norm, freeze="bias"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"fc.weight", "fc.bias", "conv1.bias" if norm == "folded" else "bn1.bias"} <= trainable
+    assert all(n.startswith("fc.") or n.endswith(".bias") for n in trainable)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "layer4.1.conv2.weight" in frozen
+    assert "conv1.weight" in frozen
+    biases = [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    assert set(biases) <= trainable
+    assert len(biases) > 10
+
+
 def test_config_errors_list_allowed_values() -> None:
     with pytest.raises(ConfigError, match="resnet18"):
         ModelConfig(architecture="vgg16")
