@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from client.privacy import read_entries
+from client.privacy import LEDGER_FILE, read_entries
 from simulations.loopback import LoopbackFederation
 from tests.conftest import write_tiny_site
 
@@ -121,12 +121,10 @@ def test_tls_authenticated_federation_runs_and_resumes_after_restart(
     assert all(c.poll() is None for c in federation.clients.values())
 
 
-def _clientapp_running(groups: set[int]) -> bool:
-    out = subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True, text=True).stdout
-    return any(
-        int(line.split(None, 1)[0]) in groups and "flwr-clientapp" in line
-        for line in out.splitlines()
-    )
+# Flower's SuperNode prints this when it takes a message (train or evaluate) from the SuperLink;
+# `fedct client` copies that output into the hospital's log. The ClientApp that then starts
+# needs seconds (process start, imports, training) before it could reply.
+TASK_TAKEN = b"Receiving: "
 
 
 def test_a_hospital_that_drops_out_mid_round_does_not_stop_the_federation(
@@ -138,14 +136,19 @@ def test_a_hospital_that_drops_out_mid_round_does_not_stop_the_federation(
     for name in SITES:
         federation.client(name)
     beta = federation.clients["beta"]
+    beta_log = federation.root / "client-beta.log"
     deadline = time.monotonic() + 300
-    while not _clientapp_running(groups := _process_groups_under({beta.pid})):
-        assert time.monotonic() < deadline, federation.logs()  # beta works on round 1 ...
+    # beta takes its first task of round 1 (its training, or its evaluation when it joined
+    # after round 1's training was sent) ...
+    while TASK_TAKEN not in beta_log.read_bytes():
+        assert time.monotonic() < deadline, federation.logs()
         assert server.poll() is None, federation.logs()
-        time.sleep(0.2)
-    for group in groups:  # ... when the hospital's machine goes away
+        time.sleep(0.05)
+    for group in _process_groups_under({beta.pid}):  # ... when the hospital's machine goes away
         os.killpg(group, signal.SIGKILL)
     beta.wait()
+    ledger = federation.site_state("beta") / LEDGER_FILE
+    assert not ledger.exists() or read_entries(ledger.parent) == [], "beta finished first"
     federation.client("beta")  # ... and comes back
     assert federation.wait(server, 500) == 0, federation.logs()
     history = federation.metrics()
