@@ -67,7 +67,7 @@ def _process_groups_under(pids: set[int]) -> set[int]:
 
 
 def _groups_alive(pgids: set[int]) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pgid=,stat=,args="], capture_output=True, text=True)
+    out = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,args="], capture_output=True, text=True)
     alive = []
     for line in out.stdout.splitlines():
         pgid, stat, *_ = line.split(None, 2)

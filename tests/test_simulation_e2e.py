@@ -15,8 +15,8 @@ from tests.conftest import write_tiny_site
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def _ray_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+def _ray_processes() -> list[str]:  # -ww: whole command lines, whatever COLUMNS says
+    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "raylet" in line or "gcs_server" in line]
 
 
