@@ -2,7 +2,9 @@
 
 :func:`train_round` checks the received model, checks the site's privacy budget, trains and
 records the spend; :func:`evaluate_round` scores the global model on the site's held-out
-patients and returns only aggregates (counts, metrics, score histograms).
+patients and returns only aggregates (counts, metrics, score histograms) for slices, series and
+patients (a series or patient scores its highest slice score and is positive when any slice is;
+common/metrics.py). Scores and identifiers of single slices, series or patients never leave.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import hashlib
 import logging
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +26,15 @@ from common.config import FederationConfig, SiteConfig
 from common.dataset import CTSlices, site_dataset
 from common.errors import FedCTError
 from common.evaluation import evaluate
-from common.metrics import binary_metrics, score_histograms
+from common.metrics import (
+    PATIENT,
+    SERIES,
+    SLICE,
+    Level,
+    binary_metrics,
+    max_by_group,
+    score_histograms,
+)
 from common.models import build_model
 from common.seeding import derive_seed
 from common.site import SiteData, load_site
@@ -197,30 +208,27 @@ def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) ->
         data, split, classes=fed.class_names, windows=fed.preprocess.windows, train=False
     )
     n = len(dataset)
+    rows = data.indices(split)
+    groups = eval_groups(data, rows)
     if n < fed.min_eval_cases:
         # Too few cases to report anything but a count without disclosing a tiny cohort.
-        return {"num-examples": n, "reported": 0}
+        return {"num-examples": n, "reported": 0, **level_counts(groups)}
     model = _global_model(fed, weights)
     result = evaluate(model, dataset)
     positive_class = len(fed.class_names) - 1
     positive = result.targets == positive_class
     scores = result.probabilities[:, -1]
-    m = binary_metrics(scores, positive)
-    hist = score_histograms(scores, positive, bins=fed.histogram_bins)
     metrics: Metrics = {
         "num-examples": n,
         "reported": 1,
         "loss": result.loss,
         "accuracy": result.accuracy,
-        "sensitivity": m.sensitivity,
-        "specificity": m.specificity,
-        "auroc": m.auroc,
-        "positives": m.positives,
-        "hist-neg": hist[0].tolist(),
-        "hist-pos": hist[1].tolist(),
+        **level_aggregates(SLICE, scores, positive, bins=fed.histogram_bins),
+        **group_levels(
+            groups, scores, positive, bins=fed.histogram_bins, min_patients=fed.min_eval_cases
+        ),
     }
     true_positive = positive & (scores >= 0.5)
-    rows = data.indices(split)
     try:
         metrics.update(
             cam_localization(
@@ -231,6 +239,65 @@ def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) ->
         log.warning("Grad-CAM localisation failed (%s); reporting the evaluation without it", err)
         metrics.update(NO_CAM)
     return metrics
+
+
+def level_aggregates(
+    level: Level, scores: np.ndarray, positive: np.ndarray, *, bins: int
+) -> Metrics:
+    """What a site reports of one level: positives, sensitivity and specificity at 0.5, AUROC
+    and the two score histograms (the level's count is added by the caller)."""
+    m = binary_metrics(scores, positive)
+    hist = score_histograms(scores, positive, bins=bins)
+    return {
+        level.key("positives"): m.positives,
+        level.key("sensitivity"): m.sensitivity,
+        level.key("specificity"): m.specificity,
+        level.key("auroc"): m.auroc,
+        level.key("hist-neg"): hist[0].tolist(),
+        level.key("hist-pos"): hist[1].tolist(),
+    }
+
+
+def eval_groups(data: SiteData, rows: np.ndarray) -> dict[Level, list[Hashable]]:
+    """Each held-out slice's (``rows`` of ``data``) series and patient. A series is keyed with
+    its patient, and by its file when it has no SeriesInstanceUID, so slices of different
+    patients never merge. The keys stay in this process."""
+    series: list[Hashable] = []
+    patients: list[Hashable] = []
+    for row in rows:
+        s = data.slices[int(row)]
+        series.append((s.patient_key, s.meta.series_instance_uid or s.path))
+        patients.append(s.patient_key)
+    return {SERIES: series, PATIENT: patients}
+
+
+def level_counts(groups: dict[Level, list[Hashable]]) -> Metrics:
+    """The series and patient levels as counts only (a cohort too small to report scores)."""
+    out: Metrics = {}
+    for level, keys in groups.items():
+        out[level.count_key] = len(set(keys))
+        out[level.key("reported")] = 0
+    return out
+
+
+def group_levels(
+    groups: dict[Level, list[Hashable]],
+    scores: np.ndarray,
+    positive: np.ndarray,
+    *,
+    bins: int,
+    min_patients: int,
+) -> Metrics:
+    """Series and patient aggregates of slice ``scores``: reported when at least
+    ``min_patients`` patients are held out (``min-eval-cases``), else as counts only."""
+    out = level_counts(groups)
+    if len(set(groups[PATIENT])) < min_patients:
+        return out
+    for level, keys in groups.items():
+        grouped = max_by_group(scores, positive, keys)
+        out[level.key("reported")] = 1
+        out.update(level_aggregates(level, grouped.scores, grouped.positive, bins=bins))
+    return out
 
 
 NO_CAM: Metrics = {

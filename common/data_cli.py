@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -30,6 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from common import json_text
     from common.config import FederationConfig
     from common.preprocess import GridConfig
     from common.site import load_site
@@ -42,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
     Console(highlight=False).print(render_text(summary), markup=False)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+        args.json.write_text(json_text.dumps(summary.to_json(), indent=2) + "\n")
     return 1 if summary.fatal else 0

@@ -8,7 +8,6 @@ skipped file with its reason) and one PNG per slice (lung window | Grad-CAM over
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from common import json_text
 from common.augment import eval_transform
 from common.dicom_io import CTFrame, UnusableFileError, read_ct_file
 from common.errors import ConfigError
@@ -100,7 +100,7 @@ def explain(
         "slices": [vars(r) for r in results],
         "skipped": skipped,
     }
-    (out / "predictions.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "predictions.json").write_text(json_text.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -9,11 +9,17 @@ confident model (or a site with a shifted score scale) puts most scores below 0.
 towards 0.5. Any monotone binning keeps the AUROC formula exact up to ties.
 scikit-learn computes the per-site metrics; the histogram AUROC is written here because no
 library computes AUROC from binned counts.
+
+Each site scores three levels (:data:`LEVELS`): slices, series and patients. A series' or a
+patient's score is the highest score of its held-out slices and its label is positive when any
+of its slices is positive (:func:`max_by_group`): one slice showing a nodule makes the series
+and the patient positive, so the most suspicious slice is what a reader would rank them by.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +28,39 @@ from common.errors import FedCTError
 
 DEFAULT_BINS = 100
 LOGIT_RANGE = 12.0  # sigmoid(12) = 1 - 6e-6: beyond this, scores share the end bins
+# Above this share of (positive, negative) pairs in one bin, the histogram AUROC is mostly ties
+# (each counted half a win) and stays within 0.25 of chance whatever the model ranks.
+TIE_LIMIT = 0.5
+
+
+@dataclass(frozen=True)
+class Level:
+    """An evaluation level and the names of its metrics: slice metrics have bare names
+    (``auroc``, ``hist-neg``), series and patient metrics a prefix (``series-auroc``)."""
+
+    name: str  # slice | series | patient
+
+    def key(self, metric: str) -> str:
+        return metric if self.name == "slice" else f"{self.name}-{metric}"
+
+    @property
+    def plural(self) -> str:
+        return self.name if self.name.endswith("s") else f"{self.name}s"
+
+    @property
+    def count_key(self) -> str:
+        """The metric counting the level's units (slices, series or patients)."""
+        return "num-examples" if self.name == "slice" else f"{self.name}-num"
+
+
+SLICE, SERIES, PATIENT = Level("slice"), Level("series"), Level("patient")
+LEVELS = (SLICE, SERIES, PATIENT)
+HISTOGRAM_METRICS = ("hist-neg", "hist-pos")
+
+
+def is_histogram_key(key: str) -> bool:
+    """Whether ``key`` names a score histogram (of any level)."""
+    return key.endswith(HISTOGRAM_METRICS)
 
 
 @dataclass(frozen=True)
@@ -107,3 +146,43 @@ def roc_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tpr = np.concatenate([[0.0], np.cumsum(pos[::-1])]) / max(pos.sum(), 1)
     fpr = np.concatenate([[0.0], np.cumsum(neg[::-1])]) / max(neg.sum(), 1)
     return fpr, tpr
+
+
+@dataclass(frozen=True)
+class GroupScores:
+    scores: np.ndarray  # one per group, in order of first appearance: its slices' highest score
+    positive: np.ndarray  # one per group: whether any of its slices is positive
+
+
+def max_by_group(
+    scores: np.ndarray, positive: np.ndarray, groups: Sequence[Hashable]
+) -> GroupScores:
+    """Per-group scores (the max of the group's slice ``scores``) and labels (any positive)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    if not len(scores) == len(positive) == len(groups):
+        raise ValueError(
+            f"{len(scores)} scores, {len(positive)} labels and {len(groups)} groups: give one "
+            "label and one group per score"
+        )
+    ids: dict[Hashable, int] = {}
+    index = np.asarray([ids.setdefault(g, len(ids)) for g in groups], dtype=np.int64)
+    best = np.full(len(ids), -np.inf)
+    np.maximum.at(best, index, scores)
+    any_positive = np.zeros(len(ids), dtype=bool)
+    np.logical_or.at(any_positive, index, positive)
+    return GroupScores(best, any_positive)
+
+
+def tie_share(hist: np.ndarray) -> float:
+    """P(a random positive and a random negative share a bin): the share of pairs that
+    :func:`auroc_from_histograms` can only count as ties. NaN with one class."""
+    neg, pos = np.asarray(hist[0], dtype=np.float64), np.asarray(hist[1], dtype=np.float64)
+    pairs = neg.sum() * pos.sum()
+    return float((neg * pos).sum() / pairs) if pairs else math.nan
+
+
+def scores_tied(hist: np.ndarray) -> bool:
+    """Whether most (positive, negative) pairs share a bin, so the histogram AUROC says little
+    about the ranking: the model's scores are near-constant (within about one bin's width)."""
+    return tie_share(hist) > TIE_LIMIT

@@ -4,13 +4,14 @@
 never execute code), ``round-NNNN.json`` the server state needed to continue (round, strategy
 and its optimizer state, sites out of budget), and ``latest.json`` names the newest complete
 checkpoint; it is written last, so a crash mid-save leaves the previous one in force.
-``OUT/metrics.jsonl`` gets one JSON line per round (per site and pooled).
+``OUT/metrics.jsonl`` gets one strict JSON line per round (per site and pooled; ``null`` for NaN).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from common import json_text
 from common.config import FederationConfig
 from common.errors import FedCTError
 from common.fileio import atomic_write, atomic_write_text
@@ -91,21 +93,29 @@ class CheckpointStore:
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one strict JSON line (``null`` where a value is NaN)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        handle.write(json.dumps(record, default=_json_default, allow_nan=True) + "\n")
+        handle.write(json_text.dumps(record) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rounds in ``path``, with ``null`` read back as NaN: every metric stays a number."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [
+        _nulls_as_nan(json.loads(line)) for line in path.read_text().splitlines() if line.strip()
+    ]
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+def _nulls_as_nan(value: Any) -> Any:
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {k: _nulls_as_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nulls_as_nan(v) for v in value]
+    return value
 
 
 def _save_weights(path: Path, weights: Weights) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
+from common import json_text
 from common.config import PROJECT_ROOT, FederationConfig, app_defaults
 from common.errors import FedCTError
 from common.flower_tools import executable, flower_environment, write_toml
@@ -220,7 +221,7 @@ def _save_run_record(settings: ServerSettings, status: dict[str, Any]) -> None:
     record = {k: status[k] for k in keep if k in status}
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     with (settings.run_dir / "runs.jsonl").open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(json_text.dumps(record) + "\n")
 
 
 def _follow(

@@ -12,7 +12,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common.metrics import LEVELS, SLICE
 from server.checkpoints import read_metrics
+from server.evaluation import TIED_NOTE, tied_levels
 
 
 def follow_rounds(
@@ -53,14 +55,14 @@ def follow_rounds(
 
 
 def round_line(record: dict[str, Any]) -> str:
-    """One line per round: pooled AUROC, then each site's loss, AUROC and ε."""
-    parts = [f"round {record['round']:>3}  pooled AUROC {_fmt(record, 'auroc')}"]
+    """One line per round: pooled AUROC per level, then each site's loss, AUROC and ε."""
+    pooled = record.get("pooled", {})
+    parts = [f"round {record['round']:>3}  pooled {auroc_text(pooled)}"]
     for site, m in sorted(record.get("train", {}).items()):
         ev = record.get("evaluate", {}).get(site, {})
-        eps = m.get("epsilon", math.nan)
         parts.append(
-            f"{site}: loss {m.get('train-loss', math.nan):.3f} "
-            f"AUROC {ev.get('auroc', math.nan):.3f} ε {eps:.2f}"
+            f"{site}: loss {_num(m.get('train-loss'))} "
+            f"AUROC {_num(ev.get('auroc'))} {epsilon_text(m.get('epsilon'))}"
         )
     for site, why in sorted(record.get("excluded", {}).items()):
         parts.append(f"{site}: EXCLUDED ({why})")
@@ -68,9 +70,39 @@ def round_line(record: dict[str, Any]) -> str:
         parts.append(f"{site}: FAILED ({why})")
     for site in record.get("exhausted", []):
         parts.append(f"{site}: privacy budget exhausted")
+    tied = tied_levels(pooled)
+    if tied:
+        parts.append(f"{TIED_NOTE} ({', '.join(tied)})")
     return "  |  ".join(parts)
 
 
+def auroc_text(pooled: dict[str, Any]) -> str:
+    """``AUROC slice 0.910 · series 0.950 · patient 0.960``, with how many sites a level pooled
+    when fewer than the slices (a site with few patients reports their counts only)."""
+    sites = pooled.get("reporting-sites")
+    parts = []
+    for level in LEVELS:
+        text = f"{level.name} {_num(pooled.get(level.key('auroc')))}"
+        pooled_sites = pooled.get(level.key("reporting-sites"))
+        if level is not SLICE and isinstance(sites, int) and pooled_sites not in (None, sites):
+            text += f" ({pooled_sites} of {sites} sites)"
+        parts.append(text)
+    return "AUROC " + " · ".join(parts)
+
+
+def epsilon_text(epsilon: Any) -> str:
+    """``ε 1.23``, or ``no DP`` for a site that trains without differential privacy (its ε is
+    NaN)."""
+    return f"ε {epsilon:.2f}" if _finite(epsilon) else "no DP"
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if _finite(value) else "n/a"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def _fmt(record: dict[str, Any], key: str) -> str:
-    value = record.get("pooled", {}).get(key)
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+    return _num(record.get("pooled", {}).get(key))

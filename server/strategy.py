@@ -9,7 +9,8 @@ The mixin adds what a hospital federation needs around Flower's aggregation:
 - float16 transfers are aggregated in float32;
 - FedAvg/FedProx's weighted mean is summed straight from the validated updates' bytes
   (server/aggregate.py), keeping Flower's reply checks and metrics hook;
-- evaluation pools the sites' score histograms into an exact pooled AUROC (up to bin width);
+- evaluation pools the sites' score histograms into exact pooled AUROCs (up to bin width) of
+  slices, series and patients (server/evaluation.py);
 - ``end_of_round`` (Flower's evaluate_fn hook) checkpoints the model and server state and
   appends the round to ``metrics.jsonl``; a resumed run continues its round numbering.
 """
@@ -38,18 +39,17 @@ from flwr.serverapp.strategy import (
 )
 
 from common.config import FederationConfig
-from common.metrics import auroc_from_histograms
+from common.metrics import is_histogram_key
 from common.weights import Weights, weight_problem
 from server.aggregate import WeightedMean
 from server.checkpoints import CheckpointStore, ServerState, append_metrics
+from server.evaluation import TIED_NOTE, pool_evaluations, tied_levels
 
 log = logging.getLogger(__name__)
 
 # Strategies whose aggregation is exactly FedAvg's weighted mean (FedProx differs only on the
 # client): FedCT sums their updates itself, from the validated views (server/aggregate.py).
 STREAMED_MEAN = frozenset({"fedavg", "fedprox"})
-# per-site Grad-CAM averages (client/rounds.py), pooled weighted by each site's scored slices
-CAM_AVERAGES = ("cam-pointing", "cam-pointing-strict", "cam-energy")
 
 
 class FedCTMixin:
@@ -223,10 +223,7 @@ class FedCTMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         actual = server_round + self.offset
-        sites: dict[str, dict[str, Any]] = {}
-        hist: np.ndarray | None = None
-        total = loss = correct = cam_slices = 0.0
-        cam_sums = dict.fromkeys(CAM_AVERAGES, 0.0)
+        replied: dict[str, dict[str, Any]] = {}
         for msg in replies:
             if msg.has_error():
                 site = self.node_sites.get(
@@ -234,45 +231,25 @@ class FedCTMixin:
                 )
                 self.round_log.setdefault("failed", {})[site] = "evaluation failed"
                 continue
-            site = self._site_of(msg)
-            m: dict[str, Any] = dict(msg.content.metric_records["metrics"])
-            sites[site] = {k: v for k, v in m.items() if not k.startswith("hist-")}
-            if not int(m.get("reported", 0)):
-                continue
-            h = np.asarray([m["hist-neg"], m["hist-pos"]], dtype=np.int64)
-            hist = h if hist is None else hist + h
-            n = float(m["num-examples"])
-            total += n
-            loss += float(m["loss"]) * n
-            correct += float(m["accuracy"]) * n
-            k = float(m.get("cam-slices", 0))
-            if k > 0:
-                cam_slices += k
-                for key in CAM_AVERAGES:
-                    cam_sums[key] += float(m.get(key, math.nan)) * k
-        pooled: dict[str, Any] = {"num-examples": int(total), "cam-slices": int(cam_slices)}
-        if cam_slices > 0:
-            pooled.update({key: value / cam_slices for key, value in cam_sums.items()})
-        if hist is not None and total > 0:
-            pooled.update(
-                {
-                    "auroc": auroc_from_histograms(hist),
-                    "loss": loss / total,
-                    "accuracy": correct / total,
-                    "hist-neg": hist[0].tolist(),
-                    "hist-pos": hist[1].tolist(),
-                }
-            )
-        self.round_log["evaluate"] = sites
+            replied[self._site_of(msg)] = dict(msg.content.metric_records["metrics"])
+        pooled = pool_evaluations(replied.values())
+        self.round_log["evaluate"] = {
+            site: {k: v for k, v in m.items() if not is_histogram_key(k)}
+            for site, m in replied.items()
+        }
         self.round_log["pooled"] = pooled
         log.info(
-            "round %d: pooled AUROC %.3f over %d held-out slices (%d sites)",
+            "round %d: pooled AUROC %.3f (series %.3f, patient %.3f) over %d held-out slices "
+            "(%d sites)%s",
             actual,
             pooled.get("auroc", math.nan),
-            int(total),
-            len(sites),
+            pooled.get("series-auroc", math.nan),
+            pooled.get("patient-auroc", math.nan),
+            pooled["num-examples"],
+            len(replied),
+            f"; {TIED_NOTE} ({', '.join(tied)})" if (tied := tied_levels(pooled)) else "",
         )
-        return MetricRecord({k: v for k, v in pooled.items() if not k.startswith("hist-")})
+        return MetricRecord({k: v for k, v in pooled.items() if not is_histogram_key(k)})
 
     # -- end of round: checkpoint and history (Flower's evaluate_fn hook) --------------
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -1,7 +1,8 @@
 """``report.html``: one self-contained page (figures embedded) about a simulated federation.
 
 Learning curves (pooled and per-site AUROC, per-site training loss), ε spent per round per site
-against each budget, the final pooled ROC curve (from the sites' score histograms) and a Grad-CAM
+against each budget, the final pooled ROC curves of slices, series and patients (from the sites'
+score histograms) with a table per level, and a Grad-CAM
 gallery of true and false positives with the lesion outline where known. In a simulation all
 sites' data are on this machine, so the gallery is drawn here; in a real federation overlays stay
 on each site's disk (``fedct explain``).
@@ -24,10 +25,11 @@ from matplotlib.ticker import MaxNLocator
 from common.config import FederationConfig
 from common.dataset import site_dataset
 from common.gradcam import POINTING_TOLERANCE, cam_maps, cam_stage_name
-from common.metrics import roc_from_histograms
+from common.metrics import LEVELS, SLICE, roc_from_histograms
 from common.model_file import load_model
 from common.overlay import draw_slice
 from common.site import load_site
+from server.evaluation import TIED_NOTE, tied_levels
 from simulations.compare import versus_text
 
 MISSING = {
@@ -46,13 +48,14 @@ def learning_curves(history: list[dict[str, Any]]) -> str:
     fig = Figure(figsize=(11, 3.8))
     ax_auc, ax_loss = fig.subplots(1, 2)
     rounds = [r["round"] for r in history]
-    ax_auc.plot(
-        rounds,
-        [r.get("pooled", {}).get("auroc", math.nan) for r in history],
-        "k-o",
-        lw=2.5,
-        label="pooled",
-    )
+    for level, style in zip(LEVELS, ("k-o", "k--s", "k:^"), strict=True):
+        ax_auc.plot(
+            rounds,
+            [r.get("pooled", {}).get(level.key("auroc"), math.nan) for r in history],
+            style,
+            lw=2.5 if level is SLICE else 1.5,
+            label="pooled" if level is SLICE else f"pooled, {level.plural}",
+        )
     sites = sorted({s for r in history for s in r.get("evaluate", {})})
     for site in sites:
         ax_auc.plot(
@@ -105,21 +108,50 @@ def privacy_spend(history: list[dict[str, Any]]) -> str:
 
 
 def roc_curve(history: list[dict[str, Any]]) -> str | None:
+    """The final model's pooled ROC curves, one per level the sites reported."""
     pooled = history[-1].get("pooled", {}) if history else {}
-    if "hist-neg" not in pooled:
+    levels = [level for level in LEVELS if level.key("hist-neg") in pooled]
+    if not levels:
         return None
-    fpr, tpr = roc_from_histograms(np.asarray([pooled["hist-neg"], pooled["hist-pos"]]))
     fig = Figure(figsize=(4.2, 4.2))
     ax = fig.subplots()
-    ax.plot(fpr, tpr, "k-", lw=2, label=f"pooled, AUROC {pooled.get('auroc', math.nan):.3f}")
+    for level, style in zip(levels, ("k-", "C0--", "C3:"), strict=False):
+        hist = np.asarray([pooled[level.key("hist-neg")], pooled[level.key("hist-pos")]])
+        fpr, tpr = roc_from_histograms(hist)
+        auroc = _num(pooled.get(level.key("auroc")))
+        ax.plot(fpr, tpr, style, lw=2, label=f"{level.plural}, AUROC {auroc}")
     ax.plot([0, 1], [0, 1], color="grey", ls=":")
     ax.set(
         xlabel="1 - specificity",
         ylabel="sensitivity",
-        title=f"ROC, final model (round {history[-1]['round']})",
+        title=f"Pooled ROC, final model (round {history[-1]['round']})",
     )
     ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
+
+
+def levels_table(pooled: dict[str, Any]) -> str:
+    """The final model per level: what was pooled, AUROC, sensitivity and specificity, and a
+    note where the scores are tied in one bin."""
+    body = "".join(
+        f"<tr><td>{level.name}</td><td>{_num(pooled.get(level.count_key), 0)}</td>"
+        f"<td>{_num(pooled.get(level.key('positives')), 0)}</td>"
+        f"<td>{_num(pooled.get(level.key('reporting-sites')), 0)}</td>"
+        f"<td><b>{_num(pooled.get(level.key('auroc')))}</b></td>"
+        f"<td>{_num(pooled.get(level.key('sensitivity')))}</td>"
+        f"<td>{_num(pooled.get(level.key('specificity')))}</td>"
+        f"<td>{TIED_NOTE if pooled.get(level.key('scores-tied')) else ''}</td></tr>"
+        for level in LEVELS
+    )
+    return (
+        "<h2>Slices, series and patients</h2><p>A series' or a patient's score is its highest "
+        "held-out slice score, and it is positive when any of its slices is. Each site sends "
+        "only counts and score histograms per level; a site with fewer held-out patients than "
+        "min-eval-cases sends series and patient counts only. Sensitivity and specificity at "
+        "a score of 0.5.</p><table><tr><th>level</th><th>pooled</th><th>positive</th>"
+        "<th>sites</th><th>AUROC</th><th>sensitivity</th><th>specificity</th><th>note</th></tr>"
+        f"{body}</table>"
+    )
 
 
 def gradcam_gallery(fed: FederationConfig, model_path: Path, per_kind: int = 4) -> str | None:
@@ -180,18 +212,23 @@ def write_report(
     figures = [
         ("Learning curves", learning_curves(history)),
         ("Privacy", privacy_spend(history) if fed.dp else None),
-        ("ROC curve", roc_curve(history)),
+        ("ROC curves", roc_curve(history)),
     ]
     model_path = Path(summary["final_model"])
     if model_path.is_file():
         figures.append(("Grad-CAM gallery", gradcam_gallery(fed, model_path)))
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{_num(s.get('num_train_examples'), 0)}</td>"
-        f"<td>{_num(s.get('num_eval_examples'), 0)}</td><td>{_num(s.get('auroc'))}</td>"
-        f"<td>{_num(s.get('epsilon'), 2)}</td><td>{_num(s.get('epsilon_budget'), 2)}</td></tr>"
+        f"<td>{_num(s.get('num_eval_examples'), 0)}</td>"
+        f"<td>{_num(s.get('num_eval_patients'), 0)}</td><td>{_num(s.get('auroc'))}</td>"
+        f"<td>{_num(s.get('auroc_series'))}</td><td>{_num(s.get('auroc_patient'))}</td>"
+        f"<td>{_epsilon(s.get('epsilon'), fed.dp)}</td>"
+        f"<td>{_epsilon(s.get('epsilon_budget'), fed.dp)}</td></tr>"
         for name, s in summary["sites"].items()
     )
     pooled = history[-1].get("pooled", {}) if history else {}
+    tied = tied_levels(pooled)
+    tied_note = f"<p><b>Note:</b> {TIED_NOTE} ({', '.join(tied)}).</p>" if tied else ""
     cam = (
         f"Grad-CAM pointing game on true-positive slices with a lesion mask: hit rate "
         f"{_num(pooled.get('cam-pointing'))} (peak within {POINTING_TOLERANCE:.1%} of the image "
@@ -199,24 +236,31 @@ def write_report(
         f"{_num(pooled.get('cam-energy'))} of CAM energy inside the lesion "
         f"({pooled.get('cam-slices', 0)} slices)"
     )
-    sections = compare_table(summary) + "".join(
-        f"<h2>{title}</h2><img src='{src}' alt='{title}'>"
-        if src
-        else f"<h2>{title}</h2><p>{MISSING[title]}</p>"
-        for title, src in figures
-        if src or title in MISSING
+    sections = (
+        levels_table(pooled)
+        + compare_table(summary)
+        + "".join(
+            f"<h2>{title}</h2><img src='{src}' alt='{title}'>"
+            if src
+            else f"<h2>{title}</h2><p>{MISSING[title]}</p>"
+            for title, src in figures
+            if src or title in MISSING
+        )
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>FedCT report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
 <h1>FedCT federated simulation</h1>
-<p><b>Pooled AUROC {_num(summary.get("pooled_auroc"))}</b> on all sites' held-out patients after
-{summary["rounds"]} rounds &middot; strategy {html.escape(fed.strategy)} &middot; model
-{html.escape(fed.model)} at {fed.image_size} px &middot; {_start(fed)} &middot;
+<p><b>Pooled AUROC {_num(summary.get("pooled_auroc"))}</b> on all sites' held-out slices
+(series {_num(summary.get("pooled_auroc_series"))}, patients
+{_num(summary.get("pooled_auroc_patient"))}) after {summary["rounds"]} rounds &middot; strategy
+{html.escape(fed.strategy)} &middot; model {html.escape(fed.model)} at {fed.image_size} px
+&middot; {_start(fed)} &middot;
 {"DP-SGD, per-site budget ε=" + _num(fed.epsilon, 1) if fed.dp else "no differential privacy"}</p>
-<h2>Sites</h2><table><tr><th>site</th><th>training slices</th><th>held-out slices</th>
-<th>AUROC</th><th>ε spent</th><th>ε budget</th></tr>{rows}</table>
+{tied_note}<h2>Sites</h2><table><tr><th>site</th><th>training slices</th><th>held-out slices</th>
+<th>held-out patients</th><th>AUROC</th><th>series AUROC</th><th>patient AUROC</th>
+<th>ε spent</th><th>ε budget</th></tr>{rows}</table>
 <p>{cam}</p>{sections}
 <p style="color:#666;font-size:small">Pooled AUROC is computed from score histograms summed
 over sites ({fed.histogram_bins} bins, equal in log-odds); no per-patient score left any site.</p>
@@ -258,6 +302,10 @@ def compare_table(summary: dict[str, Any]) -> str:
         f"<table><tr><th>model</th><th>DP</th>{head}<th>pooled</th>"
         f"<th>pooled vs federated (95% interval)</th></tr>{body}</table>"
     )
+
+
+def _epsilon(value: Any, dp: bool) -> str:
+    return _num(value, 2) if dp else "no DP"
 
 
 def _num(value: Any, digits: int = 3) -> str:

@@ -19,11 +19,13 @@ from typing import Any
 
 from rich.console import Console
 
+from common import json_text
 from common.config import FederationConfig, app_defaults
 from common.errors import FedCTError
 from common.flower_tools import flower_environment
 from common.processes import sigterm_raises, start, stop_group
 from server.checkpoints import read_metrics
+from server.evaluation import tied_levels
 from server.progress import follow_rounds
 from simulations.synth import SynthSettings, write_hospitals
 
@@ -191,11 +193,13 @@ def run_federation(
 
 
 def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:
-    """``summary.json``: the final round's pooled AUROC and each site's AUROC, ε and size."""
+    """``summary.json``: the final round's pooled AUROC of slices, series and patients, and each
+    site's AUROC, ε and size (strict JSON: ``null`` where there is no value)."""
     history = read_metrics(paths.metrics)
     if not history:
         raise SimulationError(f"the federation wrote no rounds; see {paths.log}")
     last = history[-1]
+    pooled = last.get("pooled", {})
     sites: dict[str, dict[str, Any]] = {}
     for record in history:
         for site, m in record.get("train", {}).items():
@@ -204,10 +208,17 @@ def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:
             entry["epsilon"] = m.get("epsilon")
             entry["epsilon_budget"] = m.get("epsilon-budget")
         for site, m in record.get("evaluate", {}).items():
-            sites.setdefault(site, {})["auroc"] = m.get("auroc")
-            sites[site]["num_eval_examples"] = m.get("num-examples")
+            entry = sites.setdefault(site, {})
+            entry["auroc"] = m.get("auroc")
+            entry["auroc_series"] = m.get("series-auroc")
+            entry["auroc_patient"] = m.get("patient-auroc")
+            entry["num_eval_examples"] = m.get("num-examples")
+            entry["num_eval_patients"] = m.get("patient-num")
     summary = {
-        "pooled_auroc": last.get("pooled", {}).get("auroc"),
+        "pooled_auroc": pooled.get("auroc"),
+        "pooled_auroc_series": pooled.get("series-auroc"),
+        "pooled_auroc_patient": pooled.get("patient-auroc"),
+        "scores_tied": tied_levels(pooled),
         "rounds": int(last["round"]),
         "sites": dict(sorted(sites.items())),
         "dp": fed.dp,
@@ -217,8 +228,12 @@ def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:
         "final_model": str(paths.federation / "final_model.safetensors"),
         "metrics": str(paths.metrics),
     }
-    (paths.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    write_summary(paths, summary)
     return summary
+
+
+def write_summary(paths: SimulationPaths, summary: dict[str, Any]) -> None:
+    (paths.out / "summary.json").write_text(json_text.dumps(summary, indent=2) + "\n")
 
 
 def add_comparison(
@@ -237,7 +252,7 @@ def add_comparison(
         federated=paths.federation / "final_model.safetensors",
     )
     summary = {**summary, "compare": [asdict(r) for r in rows]}
-    (paths.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    write_summary(paths, summary)
     console.print(f"{'model':<26} {'pooled AUROC':>12}  vs federated [95% interval]")
     for r in rows:
         versus = versus_text(r.vs_federated, r.vs_federated_ci)

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     from common.config import FederationConfig, parse_overrides
     from server.checkpoints import read_metrics
+    from server.evaluation import TIED_NOTE
+    from server.progress import auroc_text
     from simulations.report import write_report
     from simulations.simulate import (
         SimulationPaths,
@@ -97,13 +99,16 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(paths, fed)
     if args.compare:
         summary = add_comparison(paths, fed, summary, console)
-    report = write_report(paths.out, summary, read_metrics(paths.metrics), fed)
-    auroc = summary["pooled_auroc"]
+    history = read_metrics(paths.metrics)
+    report = write_report(paths.out, summary, history, fed)
+    pooled = history[-1].get("pooled", {})
     console.print(
-        f"pooled AUROC {auroc:.3f} after {summary['rounds']} rounds"
-        if isinstance(auroc, float)
+        f"pooled {auroc_text(pooled)} after {summary['rounds']} rounds"
+        if "auroc" in pooled
         else "no pooled AUROC (too few held-out cases)"
     )
+    if summary["scores_tied"]:
+        console.print(f"{TIED_NOTE} ({', '.join(summary['scores_tied'])})")
     console.print(f"summary: {paths.out / 'summary.json'}")
     console.print(f"report:  {report}")
     return 0

@@ -83,3 +83,68 @@ def test_non_finite_scores_say_the_model_diverged() -> None:
 
     with pytest.raises(DivergedModelError, match="2 of 3 scores are NaN or infinite"):
         binary_metrics(np.array([0.2, np.nan, np.inf]), np.array([False, True, True]))
+
+
+def test_series_and_patient_scores_are_the_max_of_their_slices() -> None:
+    from common.metrics import max_by_group
+
+    # 2 patients x 2 series x 3 slices; a series (patient) is positive if any slice is
+    scores = np.array([0.1, 0.7, 0.2, 0.3, 0.2, 0.1, 0.9, 0.4, 0.8, 0.6, 0.5, 0.05])
+    positive = np.array([0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0], dtype=bool)
+    patient = ["p1"] * 6 + ["p2"] * 6
+    series = list(zip(patient, "aaabbbcccddd", strict=True))
+    by_series = max_by_group(scores, positive, series)
+    np.testing.assert_allclose(by_series.scores, [0.7, 0.3, 0.9, 0.6])
+    np.testing.assert_array_equal(by_series.positive, [True, False, True, False])
+    # positives 0.7, 0.9 against negatives 0.3, 0.6: every pair ranked right
+    assert binary_metrics(by_series.scores, by_series.positive).auroc == 1.0
+    by_patient = max_by_group(scores, positive, patient)
+    np.testing.assert_allclose(by_patient.scores, [0.7, 0.9])
+    np.testing.assert_array_equal(by_patient.positive, [True, True])
+    with pytest.raises(ValueError, match="one label and one group per score"):
+        max_by_group(scores, positive, patient[:-1])
+
+
+def test_tie_detector_fires_on_constant_scores_only() -> None:
+    from common.metrics import scores_tied, tie_share
+
+    rng = np.random.default_rng(3)
+    y = rng.random(400) < 0.4
+    constant = np.full(400, 0.3) + rng.normal(0, 1e-4, 400)  # near-constant: one bin
+    hist = score_histograms(constant, y)
+    assert tie_share(hist) == pytest.approx(1.0)
+    assert scores_tied(hist)
+    assert auroc_from_histograms(hist) == pytest.approx(0.5)
+    spread = 1 / (1 + np.exp(-rng.normal(0, 2, 400) - y))
+    assert tie_share(score_histograms(spread, y)) < 0.1
+    assert not scores_tied(score_histograms(spread, y))
+    assert not scores_tied(score_histograms(constant, np.ones(400, bool)))  # one class: no AUROC
+
+
+def test_json_for_users_is_strict() -> None:
+    import json
+
+    from common.json_text import dumps
+
+    def reject(constant: str) -> None:
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    value = {
+        "a": math.nan,
+        "b": [1.0, math.inf, {"c": -math.inf}],
+        "d": np.float32(0.25),
+        "e": np.array([1, 2]),
+        "f": (np.nan, "text"),
+        "g": None,
+    }
+    parsed = json.loads(dumps(value, indent=2), parse_constant=reject)
+    assert parsed == {
+        "a": None,
+        "b": [1.0, None, {"c": None}],
+        "d": 0.25,
+        "e": [1, 2],
+        "f": [None, "text"],
+        "g": None,
+    }
+    with pytest.raises(ValueError, match="NaN"):
+        json.loads('{"a": NaN}', parse_constant=reject)  # what json.dumps writes by default

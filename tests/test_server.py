@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,13 @@ def test_metrics_history_appends(tmp_path: Path) -> None:
     history = read_metrics(path)
     assert [r["round"] for r in history] == [1, 2]
     assert history[0]["pooled"]["auroc"] == pytest.approx(0.7)
+    assert math.isnan(history[1]["pooled"]["auroc"])  # written as null, read back as NaN
+    for line in path.read_text().splitlines():
+        json.loads(line, parse_constant=_reject)  # strict JSON: no NaN literal
+
+
+def _reject(constant: str) -> None:
+    raise ValueError(f"non-standard JSON constant {constant}")
 
 
 def _strategy(tmp_path: Path, **settings: object):  # type: ignore[no-untyped-def]
@@ -208,3 +217,98 @@ def test_aggregation_matches_flowers_fedavg(tmp_path: Path, strategy_name: str) 
             assert got.dtype == np.float32
             np.testing.assert_allclose(got, expected[key].numpy(), rtol=1e-6, atol=1e-6)
     assert metrics["train-loss"] == pytest.approx((0 * 12 + 1 * 40 + 2 * 7) / 59)
+
+
+def _site_metrics(
+    series_scores: list[float], series_positive: list[bool], *, bins: int = 100
+) -> dict[str, object]:
+    """A site's evaluation metrics with one slice per series and one series per patient."""
+    from client.rounds import group_levels, level_aggregates
+    from common.metrics import PATIENT, SERIES, SLICE
+
+    scores, positive = np.asarray(series_scores), np.asarray(series_positive)
+    patients = [f"p{i}" for i in range(len(scores))]
+    groups = {SERIES: [(p, "s") for p in patients], PATIENT: list(patients)}
+    return {
+        "num-examples": len(scores),
+        "reported": 1,
+        "loss": 0.5,
+        "accuracy": 0.5,
+        **level_aggregates(SLICE, scores, positive, bins=bins),
+        **group_levels(groups, scores, positive, bins=bins, min_patients=1),
+    }
+
+
+def test_pooled_series_auroc_equals_sklearns_on_all_series() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from server.evaluation import pool_evaluations
+
+    # log-odds at least 0.5 apart (a bin is 0.24 wide): no two series share a bin
+    logits = np.arange(-6.0, 6.0, 0.5)
+    rng = np.random.default_rng(4)
+    scores = 1 / (1 + np.exp(-rng.permutation(logits)))
+    positive = rng.random(len(scores)) < 0.5 + 0.2 * (scores > 0.5)
+    a = _site_metrics(list(scores[:10]), list(positive[:10]))
+    b = _site_metrics(list(scores[10:]), list(positive[10:]))
+    pooled = pool_evaluations([a, b])
+    assert pooled["series-auroc"] == pytest.approx(roc_auc_score(positive, scores), abs=1e-12)
+    assert pooled["patient-auroc"] == pooled["series-auroc"]
+    assert pooled["series-num"] == len(scores)
+    assert pooled["series-positives"] == positive.sum()
+    assert pooled["series-reporting-sites"] == 2
+    assert pooled["series-sensitivity"] == pytest.approx((scores[positive] >= 0.5).mean())
+    assert pooled["series-specificity"] == pytest.approx((scores[~positive] < 0.5).mean())
+    assert pooled["series-scores-tied"] == 0
+
+
+def test_round_record_pools_levels_and_flags_tied_scores(tmp_path: Path) -> None:
+    from server.progress import round_line
+    from simulations.replies import train_reply
+
+    strategy = _strategy(tmp_path)
+    near_constant = [0.3 + 1e-5 * i for i in range(12)]  # per-site AUROC 1, all in one bin
+    labels = [i >= 6 for i in range(12)]
+    small = {"num-examples": 3, "reported": 0, "series-num": 1, "patient-num": 1}
+    replies = [
+        train_reply("a", 1, None, _site_metrics(near_constant, labels)),
+        train_reply("b", 2, None, _site_metrics(near_constant, labels)),
+        train_reply("c", 3, None, small),
+    ]
+    record = strategy.aggregate_evaluate(1, replies)
+    assert record is not None
+    assert not any("hist" in k for k in record)
+    pooled = strategy.round_log["pooled"]
+    assert pooled["scores-tied"] == pooled["series-scores-tied"] == 1
+    assert pooled["auroc"] == pooled["series-auroc"] == pytest.approx(0.5)
+    assert not any("hist" in k for m in strategy.round_log["evaluate"].values() for k in m)
+    assert strategy.round_log["evaluate"]["a"]["series-auroc"] == 1.0
+    line = round_line({"round": 1, **strategy.round_log})
+    assert "AUROC slice 0.500 · series 0.500 · patient 0.500" in line
+    assert "scores tied in one bin" in line
+    assert "(slice, series, patient)" in line
+
+
+def test_round_line_says_no_dp_without_privacy() -> None:
+    from server.progress import round_line
+
+    train = {"num-examples": 40, "train-loss": 0.31, "epsilon": math.nan}
+    record = {
+        "round": 2,
+        "train": {"a": train, "b": {**train, "epsilon": 1.234}},
+        "evaluate": {"a": {"auroc": 0.8}},
+        "pooled": {
+            "auroc": 0.91,
+            "reporting-sites": 3,
+            "series-auroc": 0.95,
+            "series-reporting-sites": 3,
+            "patient-auroc": 0.96,
+            "patient-reporting-sites": 1,
+        },
+    }
+    line = round_line(record)
+    assert "a: loss 0.310 AUROC 0.800 no DP" in line
+    assert "b: loss 0.310 AUROC n/a ε 1.23" in line
+    assert "nan" not in line
+    assert "AUROC slice 0.910 · series 0.950 · patient 0.960 (1 of 3 sites)" in line
+    assert "tied" not in line
