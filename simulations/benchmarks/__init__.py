@@ -1,0 +1,1 @@
+"""Benchmarks that run FedCT beside the alternatives a user would otherwise choose."""
