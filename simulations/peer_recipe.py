@@ -14,7 +14,7 @@ patient split, same held-out patients) so that both are scored on the same cases
   FedCT's accountant (:func:`client.privacy.epsilon_of`) at the site's δ
   (:func:`client.privacy.default_delta`), as FedCT's ledger would.
 
-No Flower import: this is the task code of such an app, run in one process.
+No Flower import: the task code of such an app, run in one process.
 """
 
 from __future__ import annotations
@@ -171,9 +171,8 @@ def _train(
             noise_multiplier=recipe.noise_multiplier,
             max_grad_norm=recipe.max_grad_norm,
             poisson_sampling=True,
-            # Opacus' default "hooks" mode fails on torchvision's ResNet (its in-place ReLU
-            # and ``out += identity`` modify hooked views); "ew" (torch's expanded weights)
-            # takes the stock model unchanged: the one-argument fix open to a plain user.
+            # the default "hooks" mode fails on torchvision's in-place ReLU and residual add;
+            # "ew" (expanded weights) takes the stock model: a plain user's one-argument fix
             grad_sample_mode="ew",
         )
     steps = 0
@@ -280,15 +279,8 @@ def run_peer_centralized(
     start = time.perf_counter()
     model = peer_model(seed)
     torch.manual_seed(derive_seed(seed, "peer centralized"))
-    total = _train(
-        model,
-        [s.train for s in sites],
-        recipe,
-        epochs=epochs,
-        first_epoch=0,
-        engine=None,
-        device=device,
-    )
+    pool = [s.train for s in sites]
+    total = _train(model, pool, recipe, epochs=epochs, first_epoch=0, engine=None, device=device)
     scores = _scores(model, sites, device)
     outcomes = {
         s.name: SiteOutcome(
