@@ -1,4 +1,9 @@
-"""``fedct data synth``: write synthetic hospitals as DICOM CT series."""
+"""``fedct data synth``: write synthetic hospitals as DICOM CT series.
+
+Without ``--world`` it writes FedCT's built-in hospitals (``simulations/synth.py``); with
+``--world NAME`` one of the independent evaluation worlds (``simulations/worlds``, described in
+docs/worlds.md), which share no code with the built-in generator.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,12 @@ log = logging.getLogger(__name__)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write hospitals into")
-    parser.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
+    parser.add_argument(
+        "--sites",
+        type=int,
+        default=None,
+        help="number of hospitals (default 3; with --world: all of the world's, at most 3)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--scale",
@@ -19,17 +29,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="multiply every hospital's number of patients (default 1)",
     )
+    parser.add_argument(
+        "--world",
+        metavar="NAME",
+        default=None,
+        help="write an independent evaluation world instead of the built-in hospitals: "
+        "meadow (tuning), ward or harbor (held out); see docs/worlds.md",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.world is not None:
+        return _run_world(args)
     from simulations.synth import SynthSettings, write_hospitals
 
-    sites = write_hospitals(args.out, SynthSettings(args.sites, args.seed, args.scale))
+    sites = args.sites if args.sites is not None else 3
+    written = write_hospitals(args.out, SynthSettings(sites, args.seed, args.scale))
     log.info(
         "wrote %d synthetic hospitals under %s: %s",
-        len(sites),
+        len(written),
         args.out,
-        ", ".join(s.name for s in sites),
+        ", ".join(s.name for s in written),
+    )
+    return 0
+
+
+def _run_world(args: argparse.Namespace) -> int:
+    from simulations.worlds import WorldOptions, build_world, world_spec
+
+    spec = world_spec(args.world)
+    records = build_world(
+        spec.name, args.out, WorldOptions(seed=args.seed, scale=args.scale, sites=args.sites)
+    )
+    log.info(
+        "wrote world %r (%s) under %s: %s",
+        spec.name,
+        spec.role,
+        args.out,
+        ", ".join(r.path.name for r in records),
     )
     return 0
