@@ -49,7 +49,7 @@ WORLDS: dict[str, WorldSpec] = {
         WorldSpec(
             "meadow",
             "3 hospitals, class folders; superellipse torso, branching 3-D vessel tree, "
-            "8-10 slices a patient, 160-256 px, nodules 4-14 mm, ~30% positive slices",
+            "8-10 slices a patient, 160-256 px, nodules 6-24 mm, ~30% positive slices",
             "tuning",
             "folders",
             meadow.write,

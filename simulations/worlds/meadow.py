@@ -2,13 +2,16 @@
 
 Anatomy: a superellipse torso with a fat layer, two rotated-ellipse lungs whose posterior
 (dependent) part is denser, a 3-D vessel tree of straight segments per lung that branches from
-the hilum (clipped to each slice's slab, so oblique vessels show as streaks and cranio-caudal ones
-as dots), heart and aorta, the spine and ribs as Gaussian bright blobs, and a curved sandwich
-table under the patient. CT numbers are drawn per scanner. Noise is white Gaussian noise shaped by
-the scanner's small kernel (smooth, sharp or blotchy) at a per-site level.
+the hilum and thins towards the pleura (clipped to each slice's slab, so oblique vessels show as
+streaks and cranio-caudal ones as dots), heart and aorta, the spine and ribs as Gaussian bright
+blobs, and a curved sandwich table under the patient. CT numbers are drawn per scanner. Noise is
+white Gaussian noise shaped by the scanner's small kernel (smooth, sharp or blotchy) at a per-site
+level.
 
-Labels are per slice: a slice is in ``nodule/`` when its central plane cuts a nodule at least
-3 mm across, else in ``normal/`` (with the other slices of the same patient).
+Nodules are 6-24 mm across, large enough to tell from vessels on a 96 px grid (a tuning world on
+which nothing learns cannot tell recipes apart). Labels are per slice: a slice is in ``nodule/``
+when its central plane cuts a nodule at least 4 mm across, else in ``normal/`` (with the other
+slices of the same patient).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ log = logging.getLogger(__name__)
 
 WORLD = "meadow"
 _WORLD_KEY = 0x6D656164  # the random streams of this world, apart from every other world's
-MIN_LABEL_DIAMETER_MM = 3.0
+MIN_LABEL_DIAMETER_MM = 4.0
+NODULE_MM = (6.0, 24.0)  # diameter, log-uniform
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ SITES: tuple[MeadowSite, ...] = (
         noise_hu=14.0,
         noise_kernel=_SMOOTH,
         patients=30,
-        prevalence=0.6,
+        prevalence=0.42,
     ),
     MeadowSite(
         "meadow-east",
@@ -92,7 +96,7 @@ SITES: tuple[MeadowSite, ...] = (
         noise_hu=24.0,
         noise_kernel=_SHARP,
         patients=24,
-        prevalence=0.85,
+        prevalence=0.6,
     ),
     MeadowSite(
         "meadow-south",
@@ -107,7 +111,7 @@ SITES: tuple[MeadowSite, ...] = (
         noise_hu=30.0,
         noise_kernel=_BLOTCHY,
         patients=34,
-        prevalence=0.78,
+        prevalence=0.55,
     ),
 )
 
@@ -121,6 +125,7 @@ class Tissues:
     fat: float
     soft: float
     blood: float
+    vessel: float  # lung vessels: a little below solid nodules
     bone: float
     table: float
 
@@ -185,6 +190,7 @@ def write_site(folder: Path, site: MeadowSite, *, options: WorldOptions, index: 
         fat=rng.uniform(-115, -85),
         soft=rng.uniform(35, 55),
         blood=rng.uniform(38, 50),
+        vessel=rng.uniform(0, 20),
         bone=rng.uniform(650, 950),
         table=rng.uniform(150, 300),
     )
@@ -308,6 +314,7 @@ def _random_body(
         fat=tissues.fat + jitter[1],
         soft=tissues.soft + jitter[2] / 2,
         blood=tissues.blood + jitter[3] / 2,
+        vessel=tissues.vessel + jitter[3] / 2,
         bone=tissues.bone + 10 * jitter[4],
         table=tissues.table,
     )
@@ -320,20 +327,21 @@ def _random_body(
             _grow(
                 rng,
                 vessels,
+                lung=lung,
                 start=np.array(hilum),
                 direction=direction,
-                radius=rng.uniform(2.4, 3.4),
-                length=rng.uniform(16, 24),
+                radius=rng.uniform(2.8, 3.8),  # hilar trunks: 5.6-7.6 mm
+                length=rng.uniform(12, 18),
                 depth=0,
             )
-        # the tree's far twigs: short, thin, mostly cranio-caudal segments all over the lung
-        for _ in range(70):
-            rho, theta = math.sqrt(rng.uniform()) * 0.92, rng.uniform(0, 2 * math.pi)
+        # the tree's far twigs (1-3 mm): short, mostly cranio-caudal, sparser near the pleura
+        for _ in range(40):
+            rho, theta = 0.85 * rng.uniform() ** 0.8, rng.uniform(0, 2 * math.pi)
             x, y = _in_lung(lung, rho * math.cos(theta), rho * math.sin(theta))
             z = rng.uniform(zs[0] - 12, zs[-1] + 12)
             step = np.array([rng.normal(0, 0.5), rng.normal(0, 0.5), 1.0])
-            step *= rng.uniform(8, 22) / float(np.linalg.norm(step))
-            radius = float(np.clip(rng.lognormal(math.log(0.8), 0.35), 0.35, 1.8))
+            step *= rng.uniform(6, 16) / float(np.linalg.norm(step))
+            radius = float(np.clip(rng.lognormal(math.log(0.7), 0.3), 0.5, 1.5))
             vessels.append(Segment((x, y, z), (x + step[0], y + step[1], z + step[2]), radius))
     nodules: list[Sphere] = []
     if positive:
@@ -362,26 +370,31 @@ def _grow(
     rng: np.random.Generator,
     out: list[Segment],
     *,
+    lung: Lung,
     start: np.ndarray,
     direction: np.ndarray,
     radius: float,
     length: float,
     depth: int,
 ) -> None:
+    """One segment and its children: they thin by about a third a generation, and branch less
+    (then not at all) as they near the pleura, down to 1 mm vessels."""
     unit = direction / max(float(np.linalg.norm(direction)), 1e-6)
     end = start + unit * length
     x0, y0, z0 = (float(v) for v in start)
     x1, y1, z1 = (float(v) for v in end)
     out.append(Segment((x0, y0, z0), (x1, y1, z1), radius))
-    if depth >= 5:
+    rho = _lung_radius(lung, x1, y1)
+    if depth >= 5 or radius < 0.75 or rho > 0.9:
         return
-    for _ in range(2):
+    for _ in range(2 if rho < 0.65 else 1):
         _grow(
             rng,
             out,
+            lung=lung,
             start=end,
             direction=unit + rng.normal(0, 0.55, size=3),
-            radius=radius * rng.uniform(0.62, 0.78),
+            radius=max(radius * rng.uniform(0.6, 0.72), 0.5),
             length=length * rng.uniform(0.7, 0.9),
             depth=depth + 1,
         )
@@ -390,7 +403,7 @@ def _grow(
 def _random_nodule(
     rng: np.random.Generator, *, lungs: tuple[Lung, Lung], zs: list[float], spacing: float
 ) -> Sphere:
-    diameter = math.exp(rng.uniform(math.log(4.0), math.log(14.0)))
+    diameter = math.exp(rng.uniform(*np.log(NODULE_MM)))
     radius = diameter / 2
     lung = lungs[int(rng.integers(2))]
     reach = max(0.8 - radius / min(lung.a, lung.b), 0.1)
@@ -398,8 +411,8 @@ def _random_nodule(
     x, y = _in_lung(lung, rho * math.cos(theta), rho * math.sin(theta))
     # centred near one slice, so every nodule is cut close to its widest
     z = zs[int(rng.integers(len(zs)))] + rng.uniform(-spacing / 4, spacing / 4)
-    ground_glass = bool(rng.uniform() < 0.35)
-    hu = rng.uniform(-650, -400) if ground_glass else rng.uniform(20, 60)
+    ground_glass = bool(rng.uniform() < 0.3)
+    hu = rng.uniform(-650, -400) if ground_glass else rng.uniform(25, 65)
     return Sphere((x, y, z), radius, hu, ground_glass)
 
 
@@ -408,6 +421,13 @@ def _in_lung(lung: Lung, u: float, v: float) -> tuple[float, float]:
     c, s = math.cos(lung.angle), math.sin(lung.angle)
     x, y = u * lung.a, v * lung.b
     return lung.cx + c * x - s * y, lung.cy + s * x + c * y
+
+
+def _lung_radius(lung: Lung, x: float, y: float) -> float:
+    """The unit-ellipse radius of point (x, y) in ``lung`` (< 1 inside, 1 on the pleura)."""
+    c, s = math.cos(lung.angle), math.sin(lung.angle)
+    dx, dy = x - lung.cx, y - lung.cy
+    return math.hypot((c * dx + s * dy) / lung.a, (-s * dx + c * dy) / lung.b)
 
 
 def _render(
@@ -449,7 +469,7 @@ def _render(
     _blend(img, _soft(np.hypot(xx - ax, yy - ay) / ar, ar, edge), t.blood)
 
     vessels = _vessel_layer(body.vessels, z=z, thickness=site.thickness_mm, n=n, pixel=pixel)
-    img += vessels * (t.blood - img) * lung_alpha
+    img += vessels * (t.vessel - img) * lung_alpha
 
     bone = np.zeros_like(img)
     sx, sy = body.spine
