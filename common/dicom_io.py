@@ -135,14 +135,18 @@ def _check_is_ct(ds: Dataset) -> None:
 
 def _decode(ds: Dataset) -> np.ndarray:
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    # A view on the file's bytes for uncompressed data (pydicom copies otherwise): the stored
+    # values are only read, never written, on their way to HU. Not when Bits Stored < Bits
+    # Allocated (most CT: 12 of 16): pydicom then copies anyway to clear and sign-extend the
+    # unused high bits, which may hold overlays or other bits, and warns if a view was asked
+    # for; correct_unused_bits=False would give a view, but of the uncorrected values.
     try:
-        # A view on the file's bytes for uncompressed data (pydicom copies otherwise): the
-        # stored values are only read, never written, on their way to HU.
+        view_only = header_value(ds, "BitsStored") == header_value(ds, "BitsAllocated")
         if syntax:
             # pydicom's decoder API directly: Dataset.pixel_array adds ~0.08 ms a file
             # (pydicom 3.0 annotates each keyword option as a whole DecodeOptions dict)
-            return get_decoder(syntax).as_array(ds, view_only=True)[0]  # type: ignore[arg-type]
-        ds.pixel_array_options(view_only=True)
+            return get_decoder(syntax).as_array(ds, view_only=view_only)[0]
+        ds.pixel_array_options(view_only=view_only)
         return ds.pixel_array
     except (NotImplementedError, RuntimeError) as err:
         name = getattr(syntax, "name", str(syntax))

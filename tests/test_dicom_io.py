@@ -116,3 +116,22 @@ def test_bytes_and_path_read_the_same(tmp_path: Path) -> None:
     (a,) = read_ct_file(tmp_path / "a.dcm")
     (b,) = read_ct_file(tmp_path / "a.dcm", (tmp_path / "a.dcm").read_bytes())
     np.testing.assert_array_equal(a.hu, b.hu)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_12_bit_files_ignore_the_unused_high_bits_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, signed: bool
+) -> None:
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    hu = np.clip(ds.pixel_array.astype(np.int32) - 1024, -1024, 2047)  # CT_small: intercept -1024
+    stored = hu if signed else hu + 1024
+    raw = (stored & 0x0FFF).astype(np.uint16)  # 12-bit two's complement when signed
+    raw[::2, ::3] |= 0xA000  # the unused high bits hold something else, e.g. an overlay
+    ds.PixelData = raw.tobytes()
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+    ds.RescaleIntercept = 0 if signed else -1024
+    ds.save_as(tmp_path / "ct12.dcm")
+    with caplog.at_level("WARNING"):
+        (frame,) = read_ct_file(tmp_path / "ct12.dcm")
+    assert caplog.records == []  # pydicom: no "Unable to return an ndarray that's a view"
+    np.testing.assert_array_equal(frame.hu, np.maximum(hu, HU_AIR).astype(np.float32))
