@@ -100,8 +100,10 @@ def train_config(fed: FederationConfig) -> TrainConfig:
 
     return TrainConfig(
         epochs=fed.local_epochs,
+        optimizer=fed.optimizer,
         learning_rate=fed.learning_rate,
         momentum=fed.momentum,
+        weight_decay=fed.weight_decay,
         batch_size=fed.batch_size,
         physical_batch_size=fed.physical_batch_size,
         max_grad_norm=fed.max_grad_norm,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from client import grad_samplers  # noqa: F401  (registers Opacus grad samplers)
 from client.bookkeeping import BookkeepingModule
-from common.config import DP_CLIPPING
+from common.config import DP_CLIPPING, OPTIMIZERS
 from common.errors import ConfigError
 from common.seeding import derive_seed
 
@@ -40,6 +40,7 @@ Backward = Callable[[torch.Tensor], None]  # per-sample losses -> parameters' .g
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
+    optimizer: str = "sgd"  # adamw | sgd
     learning_rate: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -60,6 +61,10 @@ class TrainConfig:
             raise ConfigError(f"clipping bound must be positive, got {self.max_grad_norm}")
         if self.proximal_mu < 0:
             raise ConfigError(f"proximal mu must not be negative, got {self.proximal_mu}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"
+            )
         if self.dp_clipping not in DP_CLIPPING:
             raise ConfigError(
                 f"dp-clipping must be one of {', '.join(DP_CLIPPING)}; got {self.dp_clipping!r}"
@@ -115,9 +120,7 @@ def train_local(
     model.to(device).train()
     global_params = _snapshot(model) if cfg.proximal_mu > 0 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        trainable, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    optimizer = local_optimizer(trainable, cfg)
     generator = torch.Generator().manual_seed(derive_seed(seed, "loader") % 2**63)
     loader: DataLoader[tuple[torch.Tensor, int]] = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator
@@ -175,6 +178,17 @@ def train_local(
         seconds=time.perf_counter() - start,
         noise_multiplier=noise_multiplier,
         sample_rate=q,
+    )
+
+
+def local_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The round's optimizer; a fresh one every round (its state is local and not shared).
+    Under DP, Opacus' optimizer wraps it and hands it the clipped, noised gradient, so DP-AdamW
+    is AdamW on privatized gradients: post-processing, no extra privacy cost."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
 
 

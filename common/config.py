@@ -26,21 +26,26 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 TRANSFER_DTYPES = ("float32", "float16")
 DP_CLIPPING = ("bookkeeping", "hooks")  # client/bookkeeping.py | Opacus' per-sample gradients
+OPTIMIZERS = ("adamw", "sgd")  # the sites' local optimizer (under DP: DP-AdamW or DP-SGD)
 
 
 @dataclass(frozen=True)
 class FederationConfig:
     num_server_rounds: int = 3
     local_epochs: int = 1
+    optimizer: str = "sgd"  # adamw | sgd (momentum)
     learning_rate: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
     batch_size: int = 32
     physical_batch_size: int = 32
     max_grad_norm: float = 1.0
     dp_clipping: str = "bookkeeping"  # bookkeeping | hooks (client/bookkeeping.py)
     model: str = "resnet18"
+    width: int = 64  # channels of the ResNet's first stage (torchvision: 64)
     image_size: int = 96
     target_spacing_mm: float = 0.0  # 0: fit the whole field of view
+    crop: str = "none"  # none | body: cut each frame to the patient's body before resampling
     windows: str = "lung,mediastinum,bone"
     classes: str = "normal,nodule"
     freeze: str = "none"
@@ -94,6 +99,12 @@ class FederationConfig:
             raise ConfigError(f"classes must name at least two distinct classes: {self.classes!r}")
         if self.dp and not self.epsilon > 0:
             raise ConfigError("epsilon must be positive (or set dp = false)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"
+            )
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight-decay must not be negative, got {self.weight_decay}")
         if self.dp_clipping not in DP_CLIPPING:
             raise ConfigError(
                 f"dp-clipping must be one of {', '.join(DP_CLIPPING)}; got {self.dp_clipping!r}"
@@ -122,7 +133,9 @@ class FederationConfig:
     @property
     def preprocess(self) -> PreprocessConfig:
         spacing = self.target_spacing_mm if self.target_spacing_mm > 0 else None
-        return PreprocessConfig(GridConfig(self.image_size, spacing), parse_windows(self.windows))
+        return PreprocessConfig(
+            GridConfig(self.image_size, spacing, self.crop), parse_windows(self.windows)
+        )
 
     @property
     def augment(self) -> AugmentConfig:
@@ -137,6 +150,7 @@ class FederationConfig:
             pretrained=Path(self.pretrained) if self.pretrained else None,
             freeze=self.freeze,
             norm=self.resolved_norm,
+            width=self.width,
         )
 
     @property

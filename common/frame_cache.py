@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from common.dicom_io import CTFrame, UnusableFileError, read_ct_file
 from common.fileio import atomic_write, atomic_write_text
-from common.preprocess import GridConfig, to_model_grid
+from common.preprocess import Box, GridConfig, body_box, to_model_grid
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,23 @@ class FrameMeta:
     hu_max: float
     rows: int
     cols: int
+    crop_box: Box | None = None  # where the frame was cut to its body (grid crop = body)
 
     @classmethod
-    def of(cls, frame: CTFrame) -> FrameMeta:
+    def of(cls, frame: CTFrame, crop_box: Box | None = None) -> FrameMeta:
         fields = {k: v for k, v in vars(frame).items() if k != "hu"}
-        return cls(**fields, rows=frame.hu.shape[0], cols=frame.hu.shape[1])
+        return cls(**fields, rows=frame.hu.shape[0], cols=frame.hu.shape[1], crop_box=crop_box)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FrameMeta:
-        spacing = data.get("pixel_spacing")
-        return cls(**{**data, "pixel_spacing": tuple(spacing) if spacing else None})
+        spacing, box = data.get("pixel_spacing"), data.get("crop_box")
+        return cls(
+            **{
+                **data,
+                "pixel_spacing": tuple(spacing) if spacing else None,
+                "crop_box": tuple(box) if box else None,
+            }
+        )
 
 
 @dataclass
@@ -307,8 +314,14 @@ def _decode_file(path: Path, *, grid: GridConfig, decoder: Decoder, keep: bool) 
     except UnusableFileError as err:
         entry.skip = err.reason
         return entry, None
-    entry.frames = [FrameMeta.of(f) for f in frames]
-    pixels = np.stack([to_model_grid(f.hu, f.pixel_spacing, grid) for f in frames])
+    boxes = [body_box(f.hu, f.pixel_spacing) if grid.crop == "body" else None for f in frames]
+    entry.frames = [FrameMeta.of(f, box) for f, box in zip(frames, boxes, strict=True)]
+    pixels = np.stack(
+        [
+            to_model_grid(f.hu, f.pixel_spacing, grid, box=b)
+            for f, b in zip(frames, boxes, strict=True)
+        ]
+    )
     return entry, pixels.astype(np.float16)
 
 

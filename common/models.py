@@ -23,7 +23,7 @@ A one-channel input sums the pretrained RGB filters.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,7 @@ class DPBottleneck(Bottleneck):
 
 ARCHITECTURES.update(
     {
+        "resnet10": (DPBasicBlock, [1, 1, 1, 1]),
         "resnet18": (DPBasicBlock, [2, 2, 2, 2]),
         "resnet34": (DPBasicBlock, [3, 4, 6, 3]),
         "resnet50": (DPBottleneck, [3, 4, 6, 3]),
@@ -87,6 +88,48 @@ class WSConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+class WidthResNet(ResNet):
+    """torchvision's ResNet with ``width`` channels in its stem and first stage (torchvision: 64),
+    doubling per stage as usual. DP-SGD adds noise of the same size to every trained coordinate,
+    so a network with fewer parameters gets a better signal-to-noise ratio per step; the layer
+    names stay torchvision's, so Grad-CAM, freezing and model files work unchanged."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: list[int],
+        *,
+        width: int,
+        num_classes: int,
+        norm_layer: Callable[[int], nn.Module],
+        zero_init_residual: bool = False,
+    ) -> None:
+        self._scale = width / 64
+        super().__init__(block, layers, num_classes=num_classes, norm_layer=norm_layer)
+        # torchvision builds the stem and head for 64 channels; rebuild them for `width`
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.bn1 = norm_layer(width)
+        self.fc = nn.Linear(int(512 * self._scale) * block.expansion, num_classes)
+        if zero_init_residual:
+            for m in self.modules():
+                last = getattr(m, "bn3", None) or getattr(m, "bn2", None)
+                if isinstance(m, BasicBlock | Bottleneck) and isinstance(last, nn.GroupNorm):
+                    nn.init.zeros_(last.weight)
+
+    def _make_layer(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        planes: int,
+        blocks: int,
+        stride: int = 1,
+        dilate: bool = False,
+    ) -> nn.Sequential:
+        if planes == 64:  # the first stage follows the (rebuilt) stem
+            self.inplanes = int(64 * self._scale)
+        return super()._make_layer(block, int(planes * self._scale), blocks, stride, dilate)
 
 
 def _replace_convolutions(
@@ -132,6 +175,7 @@ class ModelConfig:
     freeze: str = "none"
     norm: str = "group"  # group: GroupNorm (+ weight standardization); folded: BatchNorm folded
     weight_standardization: bool = True  # group norm only
+    width: int = 64  # channels of the stem and first stage (torchvision's ResNets: 64)
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -140,6 +184,13 @@ class ModelConfig:
             )
         if self.num_classes < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {self.num_classes}")
+        if self.width not in (16, 32, 48, 64):
+            raise ConfigError(f"model width must be one of 16, 32, 48, 64; got {self.width}")
+        if self.width != 64 and self.pretrained is not None:
+            raise ConfigError(
+                f"pretrained torchvision weights have width 64; width {self.width} trains from "
+                "scratch (omit pretrained, or set width = 64)"
+            )
         if self.in_channels not in (1, 3):
             raise ConfigError(f"input channels must be 1 or 3, got {self.in_channels}")
         if self.norm not in NORMS:
@@ -162,6 +213,15 @@ def build_model(cfg: ModelConfig) -> ResNet:
         # No normalisation layers; every convolution gets the bias a folded BatchNorm leaves.
         model = ResNet(block, layers, num_classes=cfg.num_classes, norm_layer=_no_norm)
         _replace_convolutions(model, nn.Conv2d, bias=True)
+    elif cfg.width != 64:
+        model = WidthResNet(
+            block,
+            layers,
+            width=cfg.width,
+            num_classes=cfg.num_classes,
+            norm_layer=group_norm,
+            zero_init_residual=True,
+        )
     else:
         # zero_init_residual: each block starts as the identity, which GroupNorm ResNets need
         # to train stably from scratch (no batch statistics tame the residual sums).

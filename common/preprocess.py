@@ -68,6 +68,12 @@ def parse_windows(spec: str | Sequence[str]) -> tuple[Window, ...]:
     return tuple(windows)
 
 
+CROPS = ("none", "body")
+# Tissue denser than this is body (fat is about -100 HU, lung -900 to -500, air -1000).
+BODY_HU = -400.0
+BODY_MARGIN = 0.04  # of the body's larger side, kept around it
+
+
 @dataclass(frozen=True)
 class GridConfig:
     """How frames are put on the model's square grid (the cached part of preprocessing).
@@ -79,8 +85,11 @@ class GridConfig:
 
     image_size: int = 64
     target_spacing_mm: float | None = None
+    crop: str = "none"  # none | body: cut the frame to the patient's body before resampling
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ConfigError(f"crop must be one of {', '.join(CROPS)}; got {self.crop!r}")
         if not 16 <= self.image_size <= 1024:
             raise ConfigError(f"image size must be between 16 and 1024 px, got {self.image_size}")
         if self.target_spacing_mm is not None and not 0.05 <= self.target_spacing_mm <= 20:
@@ -108,6 +117,44 @@ class PreprocessConfig:
         return len(self.windows)
 
 
+Box = tuple[int, int, int, int]  # top, left, height, width in source pixels
+
+
+def body_box(hu: np.ndarray, pixel_spacing: tuple[float, float] | None) -> Box | None:
+    """The square (in mm) box around the patient's body in a HU frame, with a small margin; it
+    may reach beyond the frame (that part is air). ``None`` when no body is found.
+
+    The body is the largest connected region denser than ``BODY_HU`` after an opening that
+    cuts thin structures (the table, cables, the gantry's edge) off it. Chest CT reconstructs
+    a field of view larger than the patient, and scanners differ in how much larger: cropping
+    makes a nodule the same size on the grid at every hospital, and larger on it.
+    """
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    dense = cv2.morphologyEx((hu > BODY_HU).astype(np.uint8), cv2.MORPH_OPEN, kernel)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(dense, connectivity=8)
+    if count < 2:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    left, top, width, height, area = (int(v) for v in stats[largest])
+    if area < 0.01 * hu.size:
+        return None
+    row_mm, col_mm = pixel_spacing if pixel_spacing else (1.0, 1.0)
+    side_mm = max(height * row_mm, width * col_mm) * (1 + 2 * BODY_MARGIN)
+    rows, cols = round(side_mm / row_mm), round(side_mm / col_mm)
+    return (top + height // 2 - rows // 2, left + width // 2 - cols // 2, rows, cols)
+
+
+def crop_to_box(image: np.ndarray, box: Box, fill: float) -> np.ndarray:
+    """``image[top:top+height, left:left+width]``, filled with ``fill`` outside the frame."""
+    top, left, height, width = box
+    out = np.full((height, width), fill, dtype=np.float32)
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + height, image.shape[0]), min(left + width, image.shape[1])
+    if r1 > r0 and c1 > c0:
+        out[r0 - top : r1 - top, c0 - left : c1 - left] = image[r0:r1, c0:c1]
+    return out
+
+
 def to_model_grid(
     hu: np.ndarray,
     pixel_spacing: tuple[float, float] | None,
@@ -115,12 +162,20 @@ def to_model_grid(
     *,
     fill: float = HU_AIR,
     interpolation: int = cv2.INTER_AREA,
+    box: Box | None = None,
 ) -> np.ndarray:
     """Resample a 2-D HU frame onto the ``image_size`` square grid; returns float32.
+
+    With ``grid.crop == "body"`` the frame is first cut to ``box`` (its :func:`body_box` when
+    not given; a mask passes its image's box so it is cut the same way).
 
     Physical aspect ratio is kept (non-square pixels included); the border is ``fill`` (air).
     Masks go through the same function with ``fill=0`` and nearest-neighbour interpolation.
     """
+    if grid.crop == "body":
+        box = box or body_box(hu, pixel_spacing)
+        if box is not None:
+            hu = crop_to_box(hu, box, fill)
     rows, cols = hu.shape
     row_mm, col_mm = pixel_spacing if pixel_spacing else (1.0, 1.0)
     size = grid.image_size

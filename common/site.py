@@ -85,7 +85,11 @@ class SiteData:
                         f"slice is {meta.cols}x{meta.rows}"
                     )
                 grid = to_model_grid(
-                    mask.astype(np.float32), meta.pixel_spacing, self.grid, fill=0.0
+                    mask.astype(np.float32),
+                    meta.pixel_spacing,
+                    self.grid,
+                    fill=0.0,
+                    box=meta.crop_box,
                 )
                 return grid > 0  # any coverage: small lesions must not vanish when shrunk
         return None

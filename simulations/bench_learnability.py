@@ -67,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         help="stock BatchNorm ResNet; FedCT's GroupNorm + weight standardization; GroupNorm alone",
     )
     parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--crop", choices=["none", "body"], default="none")
+    parser.add_argument("--windows", default="lung,mediastinum,bone")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path(".fedct-cache/bench-learnability"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    fed = FederationConfig(image_size=args.image_size)
+    fed = FederationConfig(image_size=args.image_size, crop=args.crop, windows=args.windows)
     x, y = _stack(args.data, ["train"], fed, args.cache)
     xv, yv = _stack(args.data, ["val", "test"], fed, args.cache)
     test = _stack(args.test, ["train", "val", "test"], fed, args.cache) if args.test else None
