@@ -58,7 +58,7 @@ WORLDS: dict[str, WorldSpec] = {
         WorldSpec(
             "ward",
             "3 hospitals, class folders; radial-function body, noise-field lungs, "
-            "attenuation-dependent noise, 6 slices a patient, 128-160 px, nodules 6-20 mm, "
+            "attenuation-dependent noise, 6 slices a patient, 128-160 px, nodules 8-30 mm, "
             "~30-45% positive slices",
             "held-out",
             "folders",

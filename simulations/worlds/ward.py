@@ -11,7 +11,7 @@ short streaks that continue from slice to slice). A heart that grows towards the
 descending aorta, a rounded-square vertebra with cortex, canal and spinous process, a sternum,
 tangential rib sections and the scapulae. One site's scan is contrast-enhanced (bright blood).
 
-Nodules are spheres (6-20 mm) whose share of the slab is computed exactly per pixel. Noise is
+Nodules are spheres (8-30 mm) whose share of the slab is computed exactly per pixel. Noise is
 quantum-like: its level grows with the square root of the local attenuation and with the
 attenuation along each row (the lateral rays are the longest). Each site stores pixel values
 differently (offsets of -2048 or -1024 or signed with padding outside the reconstruction circle).
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 WORLD = "ward"
 _WORLD_KEY = 0x77617264  # this world's random streams, apart from every other world's
 MIN_LABEL_DIAMETER_MM = 4.0
+NODULE_MM = (8.0, 30.0)  # diameter, log-uniform
 SLICES = 6
 _FIELD_MM = 7.0  # cell size of the smooth random fields
 
@@ -80,7 +81,7 @@ SITES: tuple[WardSite, ...] = (
         lateral_noise=0.6,
         contrast=False,
         patients=28,
-        prevalence=0.8,
+        prevalence=0.63,
     ),
     WardSite(
         "ward-2",
@@ -94,7 +95,7 @@ SITES: tuple[WardSite, ...] = (
         lateral_noise=1.0,
         contrast=True,
         patients=36,
-        prevalence=0.7,
+        prevalence=0.55,
     ),
     WardSite(
         "ward-3",
@@ -108,7 +109,7 @@ SITES: tuple[WardSite, ...] = (
         lateral_noise=0.4,
         contrast=False,
         patients=40,
-        prevalence=0.85,
+        prevalence=0.68,
     ),
 )
 
@@ -311,7 +312,7 @@ def _random_patient(
     nodules: list[Nodule] = []
     if sick:
         for _ in range(1 if rng.uniform() < 0.5 else 2):
-            diameter = math.exp(rng.uniform(math.log(6.0), math.log(20.0)))
+            diameter = math.exp(rng.uniform(*np.log(NODULE_MM)))
             lx, ly, la, lb = lobes[int(rng.integers(2))]
             room = max(0.75 - diameter / 2 / min(la, lb), 0.15)
             rho, theta = room * math.sqrt(rng.uniform()), rng.uniform(0, 2 * math.pi)
