@@ -75,4 +75,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     fed = FederationConfig.from_mapping(context.run_config)
     site = site_config(context, fed)
-    return _reply(msg, site, evaluate_round(site, fed, _weights(msg)), None, "ok")
+    config = msg.content.config_records.get("config", ConfigRecord())
+    model_hu = config.get("train-hu-quantiles")  # the federation's, once a round has trained
+    metrics = evaluate_round(
+        site,
+        fed,
+        _weights(msg),
+        model_hu=[float(v) for v in model_hu] if isinstance(model_hu, list) else None,
+    )
+    return _reply(msg, site, metrics, None, "ok")

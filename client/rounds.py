@@ -5,6 +5,14 @@ records the spend; :func:`evaluate_round` scores the global model on the site's 
 patients and returns only aggregates (counts, metrics, score histograms) for slices, series and
 patients (a series or patient scores its highest slice score and is positive when any slice is;
 common/metrics.py). Scores and identifiers of single slices, series or patients never leave.
+
+Training also reports five HU quantiles of all the site's training pixels inside the body
+(``train-hu-quantiles``, whole HU; common/training_stats.py), which the server records in its
+model files so that ``fedct explain`` can tell a series outside them. They are the same every
+round, describe hundreds of thousands of pixels at once, and are not covered by the DP
+accounting. Evaluation flags (0/1 only) held-out data whose quantiles lie outside the
+federation's (``intensity-outside``) and scores saturated at one extreme whatever the truth
+(``scores-saturated``); the shift itself is logged at the site only.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import functools
 import hashlib
 import logging
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +46,14 @@ from common.metrics import (
 from common.models import build_model
 from common.seeding import derive_seed
 from common.site import SiteData, load_site
+from common.training_stats import (
+    HU_PERCENT,
+    SHIFT_LIMIT_HU,
+    hu_quantiles,
+    intensity_shift,
+    outside_range,
+    saturated_histogram,
+)
 from common.weights import Weights, load_weights, model_weights, weight_problem
 
 if TYPE_CHECKING:
@@ -195,6 +211,10 @@ def train_round(
         "noise-multiplier": sigma if sigma is not None else 0.0,
         "budget-exhausted": 0,
     }
+    # always sent (NaN when no pixel is inside the body): Flower aggregates only replies
+    # whose metrics have the same keys
+    quantiles = hu_quantiles(dataset.images) or (math.nan,) * len(HU_PERCENT)
+    metrics["train-hu-quantiles"] = list(quantiles)
     return TrainReply(model_weights(model, fed.transfer_dtype), metrics, "ok")
 
 
@@ -202,8 +222,16 @@ def _epsilon_after(ledger: Ledger, sigma: float, q: float, steps: int) -> float:
     return ledger.epsilon_after(sigma, q, max(steps, 1))
 
 
-def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) -> Metrics:
-    """Aggregate metrics of the global model on the site's held-out patients."""
+def evaluate_round(
+    site: SiteConfig,
+    fed: FederationConfig,
+    weights: Weights,
+    *,
+    model_hu: Sequence[float] | None = None,
+) -> Metrics:
+    """Aggregate metrics of the global model on the site's held-out patients; with the
+    federation's training intensity quantiles ``model_hu``, whether the held-out data lie
+    outside them (``intensity-outside``)."""
     data = open_site(site, fed)
     split = data.eval_split()
     dataset = site_dataset(
@@ -229,6 +257,7 @@ def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) ->
         **group_levels(
             groups, scores, positive, bins=fed.histogram_bins, min_patients=fed.min_eval_cases
         ),
+        **data_flags(site, dataset, scores, positive, model_hu=model_hu, bins=fed.histogram_bins),
     }
     true_positive = positive & (scores >= 0.5)
     try:
@@ -241,6 +270,34 @@ def evaluate_round(site: SiteConfig, fed: FederationConfig, weights: Weights) ->
         log.warning("Grad-CAM localisation failed (%s); reporting the evaluation without it", err)
         metrics.update(NO_CAM)
     return metrics
+
+
+def data_flags(
+    site: SiteConfig,
+    dataset: CTSlices,
+    scores: np.ndarray,
+    positive: np.ndarray,
+    *,
+    model_hu: Sequence[float] | None,
+    bins: int,
+) -> Metrics:
+    """``scores-saturated`` (most negatives and positives beyond the same extreme) and, given
+    the model's training quantiles, ``intensity-outside``: 0/1 flags, the shift logged here."""
+    hist = score_histograms(scores, positive, bins=bins)
+    flags: Metrics = {"scores-saturated": int(saturated_histogram(hist) is not None)}
+    held_out = hu_quantiles(dataset.images) if model_hu is not None else None
+    if model_hu is not None and held_out is not None and len(model_hu) == len(held_out):
+        shift = intensity_shift(held_out, model_hu)
+        flags["intensity-outside"] = int(outside_range(shift))
+        if flags["intensity-outside"]:
+            log.warning(
+                "%s: the held-out slices' intensities lie %+.0f HU from what the model was "
+                "trained on (limit ±%.0f HU): check the scanner's rescale and the windows",
+                site.site_name,
+                shift,
+                SHIFT_LIMIT_HU,
+            )
+    return flags
 
 
 def level_aggregates(

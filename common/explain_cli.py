@@ -25,14 +25,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.explain import explain
+    from common.explain import explain, score_text
 
     report = explain(args.model, args.input, args.out, method=args.method, layer=args.layer)
     positive = report["positive_class"]
     for s in report["slices"]:
         where = f"{s['file']} frame {s['frame']}"
-        print(f"{where}: p({positive}) = {s['score']:.3f} -> {s['prediction']}")
+        caveat = " (saturated: not a certainty)" if s["saturated"] else ""
+        print(f"{where}: p({positive}) {score_text(s['score'])}{caveat} -> {s['prediction']}")
     for s in report["skipped"]:
         print(f"skipped {s['file']}: {s['reason']}")
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}")
     print(f"{len(report['slices'])} slices explained; overlays and predictions.json in {args.out}")
     return 0

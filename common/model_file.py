@@ -1,5 +1,6 @@
 """A FedCT model file: safetensors weights (never unpickled) that carry the federation settings
-needed to use them (architecture, classes, grid, windows) as safetensors metadata."""
+needed to use them (architecture, classes, grid, windows) as safetensors metadata, and what the
+model was trained and evaluated on (intensity and score statistics, common/training_stats.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from common.config import FederationConfig
 from common.errors import ConfigError
 from common.fileio import atomic_write
 from common.models import build_model
+from common.training_stats import STATS_KEY, TrainingStats, stats_from_metadata
 from common.weights import Weights, load_weights
 
 if TYPE_CHECKING:
@@ -26,13 +28,42 @@ CONFIG_KEY = "fedct-config"
 _LOCAL_KEYS = ("output-dir", "data-root")
 
 
-def save_model(path: Path, weights: Weights, fed: FederationConfig | None = None) -> None:
+def save_model(
+    path: Path,
+    weights: Weights,
+    fed: FederationConfig | None = None,
+    *,
+    stats: TrainingStats | None = None,
+) -> None:
+    """Write ``weights`` with the settings of ``fed`` and the training statistics ``stats``."""
     contiguous = {k: np.ascontiguousarray(v) for k, v in weights.items()}
-    metadata = None
+    metadata: dict[str, str] = {}
     if fed is not None:
         settings = {k: v for k, v in fed.to_mapping().items() if k not in _LOCAL_KEYS}
-        metadata = {CONFIG_KEY: json.dumps(settings)}
-    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata), mode=0o644)
+        metadata[CONFIG_KEY] = json.dumps(settings)
+    if stats is not None:
+        metadata[STATS_KEY] = stats.to_json()
+    atomic_write(
+        path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata or None), mode=0o644
+    )
+
+
+def read_training_stats(path: Path) -> TrainingStats | None:
+    """What the model in ``path`` was trained on, or ``None`` for a file written before FedCT
+    recorded it (it still loads; the caller says what cannot be checked, see NO_STATS_NOTE)."""
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata: dict[str, str] = handle.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise ConfigError(f"{path} is not a readable safetensors model file: {err}") from err
+    try:
+        stats = stats_from_metadata(metadata)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(
+            f"{path}: its training statistics ({STATS_KEY}) are unreadable ({err}); the file "
+            "was changed after FedCT wrote it, use the original"
+        ) from err
+    return stats
 
 
 def read_model(path: Path) -> tuple[Weights, FederationConfig]:

@@ -25,6 +25,7 @@ from common.config import FederationConfig
 from common.errors import FedCTError
 from common.fileio import atomic_write, atomic_write_text
 from common.model_file import save_model
+from common.training_stats import TrainingStats
 from common.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,15 @@ class CheckpointStore:
         self.folder = folder
         self.fed = fed  # stored in each model file, so a checkpoint can be used on its own
 
-    def save(self, weights: Weights, state: ServerState) -> Path:
+    def save(
+        self, weights: Weights, state: ServerState, *, stats: TrainingStats | None = None
+    ) -> Path:
+        """Write the round's model (with the training statistics ``stats``) and state."""
         self.folder.mkdir(parents=True, exist_ok=True)
         stem = f"round-{state.round:04d}"
         model_path = self.folder / f"{stem}.safetensors"
-        save_model(model_path, {k: np.asarray(v) for k, v in weights.items()}, self.fed)
+        weights = {k: np.asarray(v) for k, v in weights.items()}
+        save_model(model_path, weights, self.fed, stats=stats)
         for name, arrays in state.optimizer_state.items():
             _save_weights(self.folder / f"{stem}.{name}.safetensors", arrays)
         meta = {

@@ -19,6 +19,9 @@ head is dropped afterwards; what stays is a backbone whose features at that stag
 lesion's place. Without it, what a backbone keeps of the lesion's place varied by draw (Grad-CAM
 pointing 0.29 vs 0.99 with it, on the same public set and seed; README, Known limits).
 
+The weights file also records what the backbone was trained on (common/training_stats.py):
+HU quantiles of all public training pixels inside the body, and the final held-out scores.
+
 Nothing here may ever see a participating hospital's data: it trains without privacy.
 """
 
@@ -50,6 +53,7 @@ from common.metrics import binary_metrics
 from common.models import resnet_stage, stage_shapes
 from common.seeding import derive_seed
 from common.site import load_site
+from common.training_stats import STATS_KEY, TrainingStats, hu_quantiles, score_stats
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,7 @@ class PretrainResult:
     lesion_slices: int = 0  # training slices with a lesion mask (0: no lesion loss)
     lesion_stage: str | None = None  # the stage the lesion loss taught
     lesion_weight: float = 0.0
+    stats: TrainingStats | None = None  # training intensities and held-out scores
 
     @property
     def lesions(self) -> str:
@@ -166,7 +171,7 @@ def pretrain(
     loader = DataLoader(
         train, batch_size=min(32, len(train)), shuffle=True, drop_last=True, generator=generator
     )
-    auroc = math.nan
+    auroc, scores = math.nan, np.zeros(0)
     for epoch in range(epochs):
         for part in train_parts:
             part.set_epoch(epoch)
@@ -183,7 +188,8 @@ def pretrain(
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         schedule.step()
-        auroc = _held_out_auroc(model, held_out)
+        scores, positive = _held_out_scores(model, held_out)
+        auroc = binary_metrics(scores, positive).auroc if len(scores) else math.nan
         log.info(
             "pretraining epoch %d/%d: train loss %.3f, held-out AUROC %.3f",
             epoch + 1,
@@ -204,6 +210,11 @@ def pretrain(
         lesion_slices,
         lesions.stage if lesions else None,
         lesion_weight if lesions else 0.0,
+        TrainingStats(
+            hu_quantiles([part.slices.images for part in train_parts]),
+            "pooled pixels",
+            score_stats(scores) if len(scores) else None,
+        ),
     )
     _save(model, fed, result)
     return result
@@ -239,13 +250,14 @@ class _LesionHead(nn.Module):
         self._features = None
 
 
-def _held_out_auroc(model: nn.Module, held_out: list[CTSlices]) -> float:
+def _held_out_scores(model: nn.Module, held_out: list[CTSlices]) -> tuple[np.ndarray, np.ndarray]:
+    """Positive-class scores of the held-out slices, and whether each is positive."""
     results = [evaluate(model, data) for data in held_out if len(data)]
     if not results:
-        return math.nan
+        return np.zeros(0), np.zeros(0, dtype=bool)
     scores = np.concatenate([r.probabilities[:, -1] for r in results])
     positive = np.concatenate([r.targets == r.probabilities.shape[1] - 1 for r in results])
-    return binary_metrics(scores, positive).auroc
+    return scores, positive
 
 
 def _save(model: nn.Module, fed: FederationConfig, result: PretrainResult) -> None:
@@ -268,9 +280,8 @@ def _save(model: nn.Module, fed: FederationConfig, result: PretrainResult) -> No
             else None
         ),
     }
+    metadata = {METADATA_KEY: json.dumps(about)}
+    if result.stats is not None:
+        metadata[STATS_KEY] = result.stats.to_json()
     result.path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        result.path,
-        lambda tmp: save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(about)}),
-        mode=0o644,
-    )
+    atomic_write(result.path, lambda tmp: save_file(state, str(tmp), metadata=metadata), mode=0o644)

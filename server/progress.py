@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from common.metrics import LEVELS, SLICE
 from server.checkpoints import read_metrics
 from server.evaluation import TIED_NOTE, tied_levels
+from server.health import Collapse
 
 
 def follow_rounds(
@@ -55,14 +56,15 @@ def follow_rounds(
 
 
 def round_line(record: dict[str, Any]) -> str:
-    """One line per round: pooled AUROC per level, then each site's loss, AUROC and ε."""
+    """One line per round: pooled AUROC per level, then each site's loss, AUROC and ε, and
+    what went wrong (exclusions, failures, a collapsed model with what to do)."""
     pooled = record.get("pooled", {})
     parts = [f"round {record['round']:>3}  pooled {auroc_text(pooled)}"]
     for site, m in sorted(record.get("train", {}).items()):
         ev = record.get("evaluate", {}).get(site, {})
         parts.append(
             f"{site}: loss {_num(m.get('train-loss'))} "
-            f"AUROC {_num(ev.get('auroc'))} {epsilon_text(m.get('epsilon'))}"
+            f"AUROC {_num(ev.get('auroc'))} {epsilon_text(m.get('epsilon'))}{site_flags(ev)}"
         )
     for site, why in sorted(record.get("excluded", {}).items()):
         parts.append(f"{site}: EXCLUDED ({why})")
@@ -71,9 +73,23 @@ def round_line(record: dict[str, Any]) -> str:
     for site in record.get("exhausted", []):
         parts.append(f"{site}: privacy budget exhausted")
     tied = tied_levels(pooled)
-    if tied:
+    collapse = Collapse.from_record(record.get("collapse"))
+    if tied and not (collapse and TIED_NOTE in collapse.message):  # not named twice
         parts.append(f"{TIED_NOTE} ({', '.join(tied)})")
+    if collapse is not None:
+        parts.append(collapse.line)
     return "  |  ".join(parts)
+
+
+def site_flags(evaluation: dict[str, Any]) -> str:
+    """A site's warnings about its held-out data: intensities outside the model's training
+    range, scores saturated (client/rounds.py)."""
+    flags = []
+    if evaluation.get("intensity-outside") == 1:
+        flags.append("held-out HU outside the training range")
+    if evaluation.get("scores-saturated") == 1:
+        flags.append("scores saturated")
+    return f" ⚠ {', '.join(flags)}" if flags else ""
 
 
 def auroc_text(pooled: dict[str, Any]) -> str:

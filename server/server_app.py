@@ -55,5 +55,5 @@ def main(grid: Grid, context: Context) -> None:
         if result.arrays
         else weights
     )
-    save_model(out / "final_model.safetensors", final, fed)
+    save_model(out / "final_model.safetensors", final, fed, stats=strategy.training_stats)
     log.info("final global model: %s", out / "final_model.safetensors")

@@ -10,7 +10,11 @@ The mixin adds what a hospital federation needs around Flower's aggregation:
 - FedAvg/FedProx's weighted mean is summed straight from the validated updates' bytes
   (server/aggregate.py), keeping Flower's reply checks and metrics hook;
 - evaluation pools the sites' score histograms into exact pooled AUROCs (up to bin width) of
-  slices, series and patients (server/evaluation.py);
+  slices, series and patients (server/evaluation.py), and names a collapsed model (saturated or
+  tied scores, exploding losses; server/health.py) in the round record and the log;
+- the sites' training intensity quantiles and the pooled held-out scores are recorded in every
+  model file (common/training_stats.py), and the quantiles are sent with each evaluation so a
+  site can flag held-out data outside them;
 - ``end_of_round`` (Flower's evaluate_fn hook) checkpoints the model and server state and
   appends the round to ``metrics.jsonl``; a resumed run continues its round numbering.
 """
@@ -22,6 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,10 +45,12 @@ from flwr.serverapp.strategy import (
 
 from common.config import FederationConfig
 from common.metrics import is_histogram_key
+from common.training_stats import TrainingStats, combine_hu_quantiles, histogram_score_stats
 from common.weights import Weights, weight_problem
 from server.aggregate import WeightedMean
-from server.checkpoints import CheckpointStore, ServerState, append_metrics
+from server.checkpoints import CheckpointStore, ServerState, append_metrics, read_metrics
 from server.evaluation import TIED_NOTE, pool_evaluations, tied_levels
+from server.health import RunSoFar, detect_collapse
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +74,14 @@ class FedCTMixin:
         self.global_weights: Weights = {}
         self.round_log: dict[str, Any] = {}
         self.round_start = time.time()
+        self.run_so_far = RunSoFar()
+        # what the model files record of the training data (common/training_stats.py)
+        self.training_stats = TrainingStats()
         if state is not None:
             for name, arrays in state.optimizer_state.items():
                 setattr(self, name, {k: np.asarray(v) for k, v in arrays.items()})
+            done = [r for r in read_metrics(self.metrics_path) if r.get("round", 0) <= state.round]
+            self.run_so_far = RunSoFar.from_history(done)
 
     # -- training -----------------------------------------------------------------------
     def configure_train(
@@ -116,6 +128,8 @@ class FedCTMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.training_stats.hu_quantiles is not None:  # a site flags held-out data beyond
+            config["train-hu-quantiles"] = list(self.training_stats.hu_quantiles)
         return self._in_transfer_dtype(
             super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
         )
@@ -157,6 +171,7 @@ class FedCTMixin:
                 continue
             self.round_log["train"][site] = metrics
             usable.append((msg, update))
+        self._record_intensities()
         if len(usable) < self.fed.min_sites:
             log.warning(
                 "round %d: only %d usable update(s), %d required; keeping the previous model",
@@ -173,6 +188,23 @@ class FedCTMixin:
                 if value.dtype != np.float32:
                     record[key] = Array(value.astype(np.float32))
         return super().aggregate_train(actual, [m for m, _ in usable])  # type: ignore[misc]
+
+    def _record_intensities(self) -> None:
+        """The federation's training intensity quantiles, from this round's sites (the last
+        known ones when none sent them)."""
+        parts = [
+            (m["train-hu-quantiles"], float(m["num-examples"]))
+            for m in self.round_log["train"].values()
+            if isinstance(m.get("train-hu-quantiles"), list)
+        ]
+        quantiles = combine_hu_quantiles(parts)
+        if quantiles is not None:
+            self.training_stats = replace(
+                self.training_stats,
+                hu_quantiles=quantiles,
+                hu_from=f"mean of {len(parts)} sites' quantiles weighted by training slices "
+                "(an approximation of the pooled quantiles)",
+            )
 
     def _weighted_mean(
         self, usable: list[tuple[Message, Weights]]
@@ -238,6 +270,21 @@ class FedCTMixin:
             for site, m in replied.items()
         }
         self.round_log["pooled"] = pooled
+        collapse = detect_collapse(
+            pooled,
+            train=self.round_log.get("train", {}),
+            before=self.run_so_far,
+            num_classes=len(self.fed.class_names),
+        )
+        self.round_log["collapse"] = collapse.as_record() if collapse else None
+        if collapse is not None:
+            log.warning("round %d: %s", actual, collapse.line)
+        hist = (
+            np.asarray([pooled["hist-neg"], pooled["hist-pos"]]) if "hist-neg" in pooled else None
+        )
+        self.training_stats = replace(
+            self.training_stats, scores=histogram_score_stats(hist) if hist is not None else None
+        )
         log.info(
             "round %d: pooled AUROC %.3f (series %.3f, patient %.3f) over %d held-out slices "
             "(%d sites)%s",
@@ -263,10 +310,13 @@ class FedCTMixin:
             if getattr(self, name, None) is not None
         }
         self.store.save(
-            weights, ServerState(actual, self.fed.strategy, sorted(self.exhausted), optimizer)
+            weights,
+            ServerState(actual, self.fed.strategy, sorted(self.exhausted), optimizer),
+            stats=self.training_stats,
         )
         self.round_log["seconds"] = round(time.time() - self.round_start, 3)
         append_metrics(self.metrics_path, self.round_log)
+        self.run_so_far = self.run_so_far.after(self.round_log)
         return None
 
 

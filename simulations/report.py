@@ -1,6 +1,7 @@
 """``report.html``: one self-contained page (figures embedded) about a simulated federation.
 
-Learning curves (pooled and per-site AUROC, per-site training loss), ε spent per round per site
+A box at the top names a collapsed final model and what to do (server/health.py). Learning
+curves (pooled and per-site AUROC, per-site training loss), ε spent per round per site
 against each budget, the final pooled ROC curves of slices, series and patients (from the sites'
 score histograms) with a table per level, and a Grad-CAM
 gallery of true and false positives with the lesion outline where known. In a simulation all
@@ -30,6 +31,7 @@ from common.model_file import load_model
 from common.overlay import draw_slice
 from common.site import load_site
 from server.evaluation import TIED_NOTE, tied_levels
+from server.health import Collapse
 from simulations.compare import versus_text
 
 MISSING = {
@@ -154,6 +156,19 @@ def levels_table(pooled: dict[str, Any]) -> str:
     )
 
 
+def collapse_box(record: dict[str, Any]) -> str:
+    """A red box naming the collapse a round's model shows and what to do (empty without)."""
+    collapse = Collapse.from_record(record.get("collapse"))
+    if collapse is None:
+        return ""
+    return (
+        "<div class='collapse' style='border:2px solid #b00;background:#fee;padding:0.6em 1em;"
+        f"margin:1em 0'><b>⚠ Collapsed model</b> (round {record.get('round')}): "
+        f"{html.escape(collapse.message)}.<br><b>What to do:</b> {html.escape(collapse.advice)}."
+        "<br>Its AUROC and scores do not describe a working model.</div>"
+    )
+
+
 def gradcam_gallery(fed: FederationConfig, model_path: Path, per_kind: int = 4) -> str | None:
     """True and false positives from the sites' held-out patients, with CAM and lesion outline."""
     model, _ = load_model(model_path)
@@ -229,6 +244,7 @@ def write_report(
     pooled = history[-1].get("pooled", {}) if history else {}
     tied = tied_levels(pooled)
     tied_note = f"<p><b>Note:</b> {TIED_NOTE} ({', '.join(tied)}).</p>" if tied else ""
+    warning = collapse_box(history[-1]) if history else ""
     cam = (
         f"Grad-CAM pointing game on true-positive slices with a lesion mask: hit rate "
         f"{_num(pooled.get('cam-pointing'))} (peak within {POINTING_TOLERANCE:.1%} of the image "
@@ -251,7 +267,7 @@ def write_report(
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
-<h1>FedCT federated simulation</h1>
+<h1>FedCT federated simulation</h1>{warning}
 <p><b>Pooled AUROC {_num(summary.get("pooled_auroc"))}</b> on all sites' held-out slices
 (series {_num(summary.get("pooled_auroc_series"))}, patients
 {_num(summary.get("pooled_auroc_patient"))}) after {summary["rounds"]} rounds &middot; strategy

@@ -26,6 +26,7 @@ from common.flower_tools import flower_environment
 from common.processes import sigterm_raises, start, stop_group
 from server.checkpoints import read_metrics
 from server.evaluation import tied_levels
+from server.health import Collapse
 from server.progress import follow_rounds
 from simulations.synth import SynthSettings, write_hospitals
 
@@ -193,13 +194,15 @@ def run_federation(
 
 
 def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:
-    """``summary.json``: the final round's pooled AUROC of slices, series and patients, and each
+    """``summary.json``: the final round's pooled AUROC of slices, series and patients, whether
+    its model collapsed (``collapse``: null or what shows it, server/health.py), and each
     site's AUROC, ε and size (strict JSON: ``null`` where there is no value)."""
     history = read_metrics(paths.metrics)
     if not history:
         raise SimulationError(f"the federation wrote no rounds; see {paths.log}")
     last = history[-1]
     pooled = last.get("pooled", {})
+    collapse = Collapse.from_record(last.get("collapse"))
     sites: dict[str, dict[str, Any]] = {}
     for record in history:
         for site, m in record.get("train", {}).items():
@@ -219,6 +222,7 @@ def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:
         "pooled_auroc_series": pooled.get("series-auroc"),
         "pooled_auroc_patient": pooled.get("patient-auroc"),
         "scores_tied": tied_levels(pooled),
+        "collapse": collapse.message if collapse else None,
         "rounds": int(last["round"]),
         "sites": dict(sorted(sites.items())),
         "dp": fed.dp,

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from common.config import FederationConfig, parse_overrides
     from server.checkpoints import read_metrics
     from server.evaluation import TIED_NOTE
+    from server.health import Collapse
     from server.progress import auroc_text
     from simulations.report import write_report
     from simulations.simulate import (
@@ -109,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if summary["scores_tied"]:
         console.print(f"{TIED_NOTE} ({', '.join(summary['scores_tied'])})")
+    collapse = Collapse.from_record(history[-1].get("collapse"))
+    if collapse is not None:
+        console.print(collapse.line, style="bold red", highlight=False)
     console.print(f"summary: {paths.out / 'summary.json'}")
     console.print(f"report:  {report}")
     return 0

@@ -13,6 +13,13 @@ from common.errors import ConfigError
 from common.explain import explain
 from common.model_file import read_model, save_model
 from common.models import build_model
+from common.training_stats import (
+    NO_STATS_NOTE,
+    SATURATED_NOTE,
+    SHIFT_LIMIT_HU,
+    TrainingStats,
+    hu_quantiles,
+)
 from common.weights import model_weights
 
 
@@ -53,6 +60,10 @@ def test_explain_a_series_folder(model_file: Path, tiny_site: Path, tmp_path: Pa
         assert s["prediction"] in report["classes"]
         assert (out / s["overlay"]).stat().st_size > 1000
     assert json.loads((out / "predictions.json").read_text()) == report
+    # the fixture's file records no training statistics: said, not fatal
+    assert report["model_hu_quantiles"] is None
+    assert any(NO_STATS_NOTE in w for w in report["warnings"])
+    assert report["series"][0]["hu_shift"] is None
 
 
 def test_explain_cli_on_one_file(
@@ -70,3 +81,80 @@ def test_explain_without_images_says_so(model_file: Path, tmp_path: Path) -> Non
     (empty / "a.txt").write_text("x")
     with pytest.raises(ConfigError, match="no usable CT image"):
         explain(model_file, empty, tmp_path / "out")
+
+
+def _series(tiny_site: Path) -> Path:
+    return next(p for p in tiny_site.rglob("*.dcm")).parent
+
+
+def _with_stats(path: Path, stats: TrainingStats, *, bias: float | None = None) -> Path:
+    fed = FederationConfig.from_mapping({**app_defaults(), "image-size": 32})
+    weights = model_weights(build_model(fed.model_config))
+    if bias is not None:  # a saturated model: p(nodule) = 1.000 whatever the slice
+        weights["fc.bias"] = np.asarray([-bias, bias], np.float32)
+    save_model(path, weights, fed, stats=stats)
+    return path
+
+
+def _recorded(series: Path) -> TrainingStats:
+    """Training statistics that match ``series`` exactly: its own quantiles on the grid."""
+    from common.dicom_io import read_ct_file
+    from common.preprocess import GridConfig, to_model_grid
+
+    frames = [f for path in sorted(series.glob("*.dcm")) for f in read_ct_file(path)]
+    grid = GridConfig(image_size=32)
+    quantiles = hu_quantiles([to_model_grid(f.hu, f.pixel_spacing, grid) for f in frames])
+    return TrainingStats(quantiles, "pooled pixels")
+
+
+def test_explain_does_not_warn_on_data_like_the_training_data(
+    model_file: Path, tiny_site: Path, tmp_path: Path
+) -> None:
+    series = _series(tiny_site)
+    model = _with_stats(tmp_path / "m.safetensors", _recorded(series))
+    report = explain(model, series, tmp_path / "out")
+    assert report["warnings"] == []
+    assert report["model_hu_quantiles"] is not None
+    (check,) = report["series"]
+    assert check["hu_shift"] == 0
+    assert not check["intensity_outside"]
+    assert not any(s["saturated"] for s in report["slices"])
+
+
+def test_explain_warns_on_a_series_shifted_by_500_hu(
+    model_file: Path, tiny_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pydicom
+
+    series = _series(tiny_site)
+    model = _with_stats(tmp_path / "m.safetensors", _recorded(series))
+    for path in series.glob("*.dcm"):  # another scanner's calibration: every value +500 HU
+        ds = pydicom.dcmread(path)
+        ds.RescaleIntercept = float(ds.RescaleIntercept) + 500
+        ds.save_as(path)
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(model), str(series), "--out", str(out)]) == 0
+    report = json.loads((out / "predictions.json").read_text())
+    (check,) = report["series"]
+    assert check["intensity_outside"]
+    assert check["hu_shift"] > SHIFT_LIMIT_HU
+    (warning,) = report["warnings"]
+    assert "HU from what the model was trained on" in warning
+    assert f"WARNING: {warning}" in capsys.readouterr().out
+
+
+def test_explain_warns_that_saturated_scores_are_not_certainty(
+    tiny_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    series = _series(tiny_site)
+    model = _with_stats(tmp_path / "m.safetensors", TrainingStats(), bias=50.0)
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(model), str(series), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "predictions.json").read_text())
+    assert all(s["score"] == 1.0 and s["saturated"] for s in report["slices"])
+    assert report["series"][0]["scores_saturated"] == "high"
+    assert any(w.startswith(SATURATED_NOTE) for w in report["warnings"])
+    assert "do not read them as certainty" in printed
+    assert "= 1.000" not in printed  # never printed as bare certainty
+    assert "p(nodule) > 0.999 (saturated: not a certainty) -> nodule" in printed

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from common.config import FederationConfig
 from common.errors import ConfigError
 from common.models import build_model
+from common.training_stats import stats_from_metadata
 from server.pretrain import METADATA_KEY, pretrain, stock_resnet
 from tests.conftest import write_tiny_site
 
@@ -30,10 +31,18 @@ def test_pretrained_weights_start_the_federation_exactly(tmp_path: Path, tiny_si
     assert result.held_out_slices > 0
     assert math.isnan(result.held_out_auroc) or 0.0 <= result.held_out_auroc <= 1.0
     with safe_open(str(out), framework="pt") as handle:
-        about = json.loads(handle.metadata()[METADATA_KEY])
+        metadata = handle.metadata()
+        about = json.loads(metadata[METADATA_KEY])
         state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     assert about["image-size"] == 32
     assert about["classes"] == fed.classes
+    stats = stats_from_metadata(metadata)  # what it was trained on, computed directly
+    assert stats is not None
+    assert stats.hu_from == "pooled pixels"
+    assert stats.hu_quantiles is not None
+    assert list(stats.hu_quantiles) == sorted(stats.hu_quantiles)
+    assert stats.scores is not None
+    assert stats.scores.slices == result.held_out_slices
     assert any(k.endswith("running_var") for k in state)  # BatchNorm statistics to fold
 
     # The federation's DP model (norm auto -> folded) computes the pretrained network itself.
