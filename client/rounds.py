@@ -110,14 +110,14 @@ def _global_model(fed: FederationConfig, weights: Weights) -> ResNet:
     return model
 
 
-def train_config(fed: FederationConfig) -> TrainConfig:
-    """A round's local training settings, from the federation's."""
+def train_config(fed: FederationConfig, server_round: int = 1) -> TrainConfig:
+    """Round ``server_round``'s local training settings, from the federation's."""
     from client.training import TrainConfig
 
     return TrainConfig(
         epochs=fed.local_epochs,
         optimizer=fed.optimizer,
-        learning_rate=fed.learning_rate,
+        learning_rate=fed.round_learning_rate(server_round),
         momentum=fed.momentum,
         weight_decay=fed.weight_decay,
         batch_size=fed.batch_size,
@@ -150,7 +150,7 @@ def train_round(
         seed=derive_seed(fed.seed, server_round),
     )
     model = _global_model(fed, weights)
-    cfg = train_config(fed)
+    cfg = train_config(fed, server_round)
     n = len(dataset)
     version = model_version(weights)
     sigma = None

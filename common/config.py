@@ -26,6 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 TRANSFER_DTYPES = ("float32", "float16")
 DP_CLIPPING = ("bookkeeping", "hooks")  # client/bookkeeping.py | Opacus' per-sample gradients
+LR_SCHEDULES = ("constant", "cosine")  # the learning rate over the federated rounds
 OPTIMIZERS = ("adamw", "sgd")  # the sites' local optimizer (under DP: DP-AdamW or DP-SGD)
 
 
@@ -33,23 +34,25 @@ OPTIMIZERS = ("adamw", "sgd")  # the sites' local optimizer (under DP: DP-AdamW 
 class FederationConfig:
     num_server_rounds: int = 3
     local_epochs: int = 1
-    optimizer: str = "sgd"  # adamw | sgd (momentum)
-    learning_rate: float = 0.05
+    optimizer: str = "adamw"  # adamw | sgd (momentum)
+    learning_rate: float = 0.001
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
+    lr_schedule: str = "cosine"  # constant | cosine (over the planned rounds)
     batch_size: int = 32
     physical_batch_size: int = 32
     max_grad_norm: float = 1.0
     dp_clipping: str = "bookkeeping"  # bookkeeping | hooks (client/bookkeeping.py)
     model: str = "resnet18"
     width: int = 64  # channels of the ResNet's first stage (torchvision: 64)
+    weight_standardization: bool = True  # norm = group: standardize every convolution's filters
     image_size: int = 96
     target_spacing_mm: float = 0.0  # 0: fit the whole field of view
-    crop: str = "none"  # none | body: cut each frame to the patient's body before resampling
+    crop: str = "body"  # none | body: cut each frame to the patient's body before resampling
     windows: str = "lung,mediastinum,bone"
     classes: str = "normal,nodule"
     freeze: str = "none"
-    augmentation: str = "full"  # full | flips | none (common/augment.py)
+    augmentation: str = "flips"  # full | flips | none (common/augment.py)
     pretrained: str = ""  # server-side path to a torchvision state dict for the first model
     norm: str = "auto"  # auto: folded with pretrained weights, else group
     strategy: str = "fedavg"
@@ -103,6 +106,10 @@ class FederationConfig:
             raise ConfigError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}"
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}"
+            )
         if self.weight_decay < 0:
             raise ConfigError(f"weight-decay must not be negative, got {self.weight_decay}")
         if self.dp_clipping not in DP_CLIPPING:
@@ -151,6 +158,7 @@ class FederationConfig:
             freeze=self.freeze,
             norm=self.resolved_norm,
             width=self.width,
+            weight_standardization=self.weight_standardization,
         )
 
     @property
@@ -159,6 +167,15 @@ class FederationConfig:
         if self.norm == "auto":
             return "folded" if self.pretrained else "group"
         return self.norm
+
+    def round_learning_rate(self, server_round: int) -> float:
+        """The sites' learning rate in ``server_round`` (1-based): constant, or a half cosine
+        from ``learning-rate`` in round 1 over the planned rounds (every round keeps a step of
+        at least 5% of it; a resumed or extended run keeps that floor)."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        progress = min(max(server_round - 1, 0) / max(self.privacy_horizon, 1), 1.0)
+        return self.learning_rate * max(0.5 * (1 + math.cos(math.pi * progress)), 0.05)
 
     @property
     def privacy_horizon(self) -> int:

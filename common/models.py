@@ -176,6 +176,9 @@ class ModelConfig:
     norm: str = "group"  # group: GroupNorm (+ weight standardization); folded: BatchNorm folded
     weight_standardization: bool = True  # group norm only
     width: int = 64  # channels of the stem and first stage (torchvision's ResNets: 64)
+    # Start every residual block as the identity (Goyal et al.): it steadies long BatchNorm
+    # trainings, but costs a short DP training from scratch its early progress (docs/recipe.md).
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -220,17 +223,15 @@ def build_model(cfg: ModelConfig) -> ResNet:
             width=cfg.width,
             num_classes=cfg.num_classes,
             norm_layer=group_norm,
-            zero_init_residual=True,
+            zero_init_residual=cfg.zero_init_residual,
         )
     else:
-        # zero_init_residual: each block starts as the identity, which GroupNorm ResNets need
-        # to train stably from scratch (no batch statistics tame the residual sums).
         model = ResNet(
             block,
             layers,
             num_classes=cfg.num_classes,
             norm_layer=group_norm,
-            zero_init_residual=True,
+            zero_init_residual=cfg.zero_init_residual,
         )
     for module in model.modules():  # ReLU(inplace=True) would overwrite hooked activations
         if isinstance(module, nn.ReLU):

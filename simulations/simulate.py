@@ -79,7 +79,13 @@ PUBLIC_SCALE = 2.0
 # affine moves give the flips-pretrained network inputs it scores with huge confident logits
 # (training loss 6-11 while the held-out loss was 0.07-0.39), so the head was fitted to slices
 # unlike any it is evaluated on.
-PRETRAINED_FINE_TUNING = {"freeze": "head", "learning-rate": 5e-4, "augmentation": "flips"}
+PRETRAINED_FINE_TUNING = {
+    "freeze": "head",
+    "optimizer": "sgd",
+    "learning-rate": 5e-4,
+    "lr-schedule": "constant",
+    "augmentation": "flips",
+}
 
 
 def prepare_pretrained(
@@ -131,6 +137,7 @@ def _pretraining_key(fed: FederationConfig) -> str:
 
     about = (
         f"{fed.model}|{fed.image_size}|{fed.windows}|{fed.classes}|{fed.target_spacing_mm}"
+        f"|crop {fed.crop}"
         f"|public x{PUBLIC_SCALE:g}|lesion {LESION_WEIGHT:g}@{fed.cam_layer}"
     )
     return f"{fed.model}-{fed.image_size}px-{hashlib.sha256(about.encode()).hexdigest()[:8]}"

@@ -38,3 +38,25 @@ def test_site_config_needs_its_own_folders_and_budget() -> None:
         SiteConfig.from_mapping({"site-name": "a"})
     with pytest.raises(ConfigError, match="epsilon"):
         SiteConfig(site_name="a", data_dir="d", state_dir="s", epsilon=0.0)
+
+
+def test_cosine_learning_rate_over_the_planned_rounds() -> None:
+    fed = FederationConfig(learning_rate=1.0, lr_schedule="cosine", num_server_rounds=5)
+    rates = [fed.round_learning_rate(r) for r in range(1, 8)]
+    assert rates[:5] == pytest.approx([1.0, 0.9045, 0.6545, 0.3455, 0.0955], abs=1e-4)
+    assert rates[5:] == [0.05, 0.05]  # a resumed or extended run keeps a floor
+    planned = FederationConfig(
+        learning_rate=1.0, lr_schedule="cosine", num_server_rounds=2, planned_rounds=4
+    )
+    assert planned.round_learning_rate(2) == pytest.approx(0.8536, abs=1e-4)
+    constant = FederationConfig(learning_rate=0.3, lr_schedule="constant")
+    assert {constant.round_learning_rate(r) for r in (1, 9)} == {0.3}
+
+
+def test_recipe_settings_name_their_choices() -> None:
+    with pytest.raises(ConfigError, match="adamw, sgd"):
+        FederationConfig(optimizer="lamb")
+    with pytest.raises(ConfigError, match="constant, cosine"):
+        FederationConfig(lr_schedule="step")
+    with pytest.raises(ConfigError, match="none, body"):
+        FederationConfig(crop="lung")

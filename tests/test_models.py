@@ -164,3 +164,28 @@ def test_groupnorm_weights_cannot_be_folded(tmp_path: Path) -> None:
         build_model(ModelConfig(pretrained=path, norm="folded"))
     with pytest.raises(ConfigError, match="folded"):
         ModelConfig(norm="layer")
+
+
+def test_narrow_and_shallow_resnets_keep_torchvision_names() -> None:
+    wide = build_model(ModelConfig())
+    narrow = build_model(ModelConfig(architecture="resnet10", width=32))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(narrow) < count(wide) / 8
+    assert {n.split(".")[0] for n, _ in narrow.named_parameters()} == {
+        n.split(".")[0] for n, _ in wide.named_parameters()
+    }
+    assert narrow.conv1.out_channels == 32 and narrow.fc.in_features == 256
+    assert narrow(torch.zeros(2, 3, 48, 48)).shape == (2, 2)
+    assert ModuleValidator.validate(narrow, strict=False) == []
+    with pytest.raises(ConfigError, match="width"):
+        ModelConfig(width=24)
+    with pytest.raises(ConfigError, match="from scratch"):
+        ModelConfig(width=32, pretrained=Path("x.pth"))
+
+
+@pytest.mark.parametrize("width", [64, 32])
+def test_residual_blocks_start_as_the_identity_only_when_asked(width: int) -> None:
+    for zero, value in ((False, 1.0), (True, 0.0)):
+        model = build_model(ModelConfig(width=width, zero_init_residual=zero))
+        last = [block.bn2.weight for block in model.layer1]
+        assert all(torch.all(w == value) for w in last)

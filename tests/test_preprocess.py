@@ -12,6 +12,7 @@ from common.preprocess import (
     GridConfig,
     Window,
     apply_windows,
+    body_box,
     parse_windows,
     to_model_grid,
 )
@@ -128,3 +129,42 @@ def test_flips_augmentation_keeps_every_pixel_as_scanned() -> None:
     assert fed.augment == AUGMENTATIONS["flips"]
     with pytest.raises(ConfigError, match="augmentation must be one of full, flips, none"):
         FederationConfig.from_mapping({**app_defaults(), "augmentation": "heavy"})
+
+
+def _chest(rows: int = 200, cols: int = 240) -> np.ndarray:
+    """Air, an elliptical 'body' of water off-centre, and a thin table below it."""
+    hu = np.full((rows, cols), -1000.0, dtype=np.float32)
+    yy, xx = np.mgrid[:rows, :cols]
+    hu[((yy - 80) / 40) ** 2 + ((xx - 100) / 60) ** 2 <= 1] = 20.0
+    hu[150:152, 10:230] = 200.0  # table: two pixels thick, cut off by the opening
+    return hu
+
+
+def test_body_box_is_the_square_around_the_body_not_the_table() -> None:
+    top, left, height, width = body_box(_chest(), (1.0, 1.0)) or (0, 0, 0, 0)
+    assert height == width  # square in mm (square pixels here)
+    assert 121 * (1 + 2 * 0.04) - 2 <= width <= 121 * (1 + 2 * 0.04) + 2  # the body is 121 wide
+    assert abs((top + height / 2) - 80) <= 1.5 and abs((left + width / 2) - 100) <= 1.5
+    assert body_box(np.full((64, 64), -1000.0, dtype=np.float32), (1.0, 1.0)) is None
+
+
+def test_body_crop_fills_the_grid_and_masks_follow_their_image() -> None:
+    hu = _chest()
+    hu[70:76, 130:136] = 60.0  # a 'nodule' inside the body
+    mask = np.zeros_like(hu)
+    mask[70:76, 130:136] = 1.0
+    whole = to_model_grid(hu, (1.0, 1.0), GridConfig(64))
+    grid = GridConfig(64, crop="body")
+    box = body_box(hu, (1.0, 1.0))
+    cropped = to_model_grid(hu, (1.0, 1.0), grid, box=box)
+    assert np.array_equal(cropped, to_model_grid(hu, (1.0, 1.0), grid))  # box found the same
+    body_cols = lambda image: int((image[26] > -500).sum())  # noqa: E731
+    assert body_cols(cropped) >= 0.9 * 64 > 1.5 * body_cols(whole)
+    moved = to_model_grid(mask, (1.0, 1.0), grid, fill=0.0, box=box) > 0
+    assert moved.any() and cropped[moved].mean() > 35.0  # the mask lies on the nodule
+
+
+def test_crop_setting_is_validated_and_keys_the_cache() -> None:
+    with pytest.raises(ConfigError, match="none, body"):
+        GridConfig(64, crop="lungs")
+    assert GridConfig(64, crop="body").key() != GridConfig(64).key()

@@ -167,3 +167,33 @@ def test_privacy_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert f"remaining {8 - ledger.spent_epsilon:.3f}" in out
     ledger.path.write_text("{}")
     assert main(["privacy", "report", str(tmp_path)]) == 1  # corrupted: a clear error
+
+
+@pytest.mark.parametrize("clipping", ["bookkeeping", "hooks"])
+def test_dp_adamw_first_step_is_adam_on_the_clipped_mean_gradient(clipping: str) -> None:
+    """Known answer: with q = 1 and no noise, DP-AdamW's first step is Adam's bias-corrected
+    first step, lr * g / (|g| + eps), on g = the mean of per-sample gradients each clipped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    x, y = torch.randn(8, 1, 4, 4) * 10, torch.randint(0, 2, (8,))
+    clip, lr = 0.05, 0.01
+    clipped = []
+    for i in range(8):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        clipped.append([g * min(1.0, clip / float(norm)) for g in grads])
+    mean = [torch.stack(parts).mean(0) for parts in zip(*clipped, strict=True)]
+    expected = [p.detach() - lr * g / (g.abs() + 1e-8) for p, g in zip(model.parameters(), mean)]
+    cfg = TrainConfig(
+        optimizer="adamw",
+        batch_size=8,
+        physical_batch_size=8,
+        learning_rate=lr,
+        max_grad_norm=clip,
+        dp_clipping=clipping,
+    )
+    train_local(model, TensorDataset(x, y), cfg, noise_multiplier=0.0, seed=0)
+    for p, want in zip(model.parameters(), expected, strict=True):
+        assert torch.allclose(p.detach(), want, atol=1e-5)

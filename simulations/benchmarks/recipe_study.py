@@ -77,7 +77,6 @@ def run_variant(fed: FederationConfig, root: Path, cache: Path, *, label: str) -
     sites = _sites(root, fed, cache / fed.preprocess.grid.key())
     torch.manual_seed(derive_seed(fed.seed, "init") % 2**63)
     model = build_model(replace(fed.model_config, pretrained=fed.model_config.pretrained))
-    cfg = train_config(fed)
     start = time.perf_counter()
     spent: dict[str, list[tuple[float, float, int]]] = {name: [] for name in sites}
     steps_total = {name: 0 for name in sites}
@@ -85,6 +84,7 @@ def run_variant(fed: FederationConfig, root: Path, cache: Path, *, label: str) -
     for rnd in range(1, fed.num_server_rounds + 1):
         updates, sizes, losses = [], [], []
         global_state = model_weights(model)
+        cfg = train_config(fed, rnd)
         for name, data in sites.items():
             dataset = site_dataset(
                 data,
