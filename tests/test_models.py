@@ -174,7 +174,8 @@ def test_narrow_and_shallow_resnets_keep_torchvision_names() -> None:
     assert {n.split(".")[0] for n, _ in narrow.named_parameters()} == {
         n.split(".")[0] for n, _ in wide.named_parameters()
     }
-    assert narrow.conv1.out_channels == 32 and narrow.fc.in_features == 256
+    assert narrow.conv1.out_channels == 32
+    assert narrow.fc.in_features == 256
     assert narrow(torch.zeros(2, 3, 48, 48)).shape == (2, 2)
     assert ModuleValidator.validate(narrow, strict=False) == []
     with pytest.raises(ConfigError, match="width"):

@@ -144,7 +144,8 @@ def test_body_box_is_the_square_around_the_body_not_the_table() -> None:
     top, left, height, width = body_box(_chest(), (1.0, 1.0)) or (0, 0, 0, 0)
     assert height == width  # square in mm (square pixels here)
     assert 121 * (1 + 2 * 0.04) - 2 <= width <= 121 * (1 + 2 * 0.04) + 2  # the body is 121 wide
-    assert abs((top + height / 2) - 80) <= 1.5 and abs((left + width / 2) - 100) <= 1.5
+    assert abs((top + height / 2) - 80) <= 1.5
+    assert abs((left + width / 2) - 100) <= 1.5
     assert body_box(np.full((64, 64), -1000.0, dtype=np.float32), (1.0, 1.0)) is None
 
 
@@ -161,7 +162,8 @@ def test_body_crop_fills_the_grid_and_masks_follow_their_image() -> None:
     body_cols = lambda image: int((image[26] > -500).sum())  # noqa: E731
     assert body_cols(cropped) >= 0.9 * 64 > 1.5 * body_cols(whole)
     moved = to_model_grid(mask, (1.0, 1.0), grid, fill=0.0, box=box) > 0
-    assert moved.any() and cropped[moved].mean() > 35.0  # the mask lies on the nodule
+    assert moved.any()
+    assert cropped[moved].mean() > 35.0  # the mask lies on the nodule
 
 
 def test_crop_setting_is_validated_and_keys_the_cache() -> None:

@@ -185,7 +185,10 @@ def test_dp_adamw_first_step_is_adam_on_the_clipped_mean_gradient(clipping: str)
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         clipped.append([g * min(1.0, clip / float(norm)) for g in grads])
     mean = [torch.stack(parts).mean(0) for parts in zip(*clipped, strict=True)]
-    expected = [p.detach() - lr * g / (g.abs() + 1e-8) for p, g in zip(model.parameters(), mean)]
+    expected = [
+        p.detach() - lr * g / (g.abs() + 1e-8)
+        for p, g in zip(model.parameters(), mean, strict=True)
+    ]
     cfg = TrainConfig(
         optimizer="adamw",
         batch_size=8,
