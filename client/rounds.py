@@ -255,7 +255,7 @@ def evaluate_round(
         "accuracy": result.accuracy,
         **level_aggregates(SLICE, scores, positive, bins=fed.histogram_bins),
         **group_levels(
-            groups, scores, positive, bins=fed.histogram_bins, min_patients=fed.min_eval_cases
+            groups, scores, positive, bins=fed.histogram_bins, min_patients=fed.min_eval_patients
         ),
         **data_flags(site, dataset, scores, positive, model_hu=model_hu, bins=fed.histogram_bins),
     }
@@ -348,7 +348,7 @@ def group_levels(
     min_patients: int,
 ) -> Metrics:
     """Series and patient aggregates of slice ``scores``: reported when at least
-    ``min_patients`` patients are held out (``min-eval-cases``), else as counts only."""
+    ``min_patients`` patients are held out (``min-eval-patients``), else as counts only."""
     out = level_counts(groups)
     if len(set(groups[PATIENT])) < min_patients:
         return out

@@ -65,6 +65,7 @@ class FederationConfig:
     transfer_dtype: str = "float32"
     max_update_norm: float = 1.0e4
     min_eval_cases: int = 10
+    min_eval_patients: int = 5  # sites holding out fewer send no series- or patient-level scores
     histogram_bins: int = 100
     cam_layer: str = "auto"  # Grad-CAM's stage: auto (by image size) | layer1..layer4
     planned_rounds: int = 0  # privacy calibration horizon; 0: num-server-rounds

@@ -72,6 +72,7 @@ CROPS = ("none", "body")
 # Tissue denser than this is body (fat is about -100 HU, lung -900 to -500, air -1000).
 BODY_HU = -400.0
 BODY_MARGIN = 0.04  # of the body's larger side, kept around it
+MIN_BODY_SHARE = 0.4  # a body spans at least this share of the reconstructed field of view
 
 
 @dataclass(frozen=True)
@@ -129,17 +130,18 @@ def body_box(hu: np.ndarray, pixel_spacing: tuple[float, float] | None) -> Box |
     a field of view larger than the patient, and scanners differ in how much larger: cropping
     makes a nodule the same size on the grid at every hospital, and larger on it.
     """
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    size = max(3, round(min(hu.shape) / 100) | 1)  # ~1% of the frame: 5 px at 512
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
     dense = cv2.morphologyEx((hu > BODY_HU).astype(np.uint8), cv2.MORPH_OPEN, kernel)
     count, _, stats, _ = cv2.connectedComponentsWithStats(dense, connectivity=8)
     if count < 2:
         return None
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    left, top, width, height, area = (int(v) for v in stats[largest])
-    if area < 0.01 * hu.size:
-        return None
+    left, top, width, height, _ = (int(v) for v in stats[largest])
     row_mm, col_mm = pixel_spacing if pixel_spacing else (1.0, 1.0)
     side_mm = max(height * row_mm, width * col_mm) * (1 + 2 * BODY_MARGIN)
+    if side_mm < MIN_BODY_SHARE * max(hu.shape[0] * row_mm, hu.shape[1] * col_mm):
+        return None  # a fragment (the body's ring broke), not a body: keep the whole frame
     rows, cols = round(side_mm / row_mm), round(side_mm / col_mm)
     return (top + height // 2 - rows // 2, left + width // 2 - cols // 2, rows, cols)
 

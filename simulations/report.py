@@ -149,7 +149,7 @@ def levels_table(pooled: dict[str, Any]) -> str:
         "<h2>Slices, series and patients</h2><p>A series' or a patient's score is its highest "
         "held-out slice score, and it is positive when any of its slices is. Each site sends "
         "only counts and score histograms per level; a site with fewer held-out patients than "
-        "min-eval-cases sends series and patient counts only. Sensitivity and specificity at "
+        "min-eval-patients sends series and patient counts only. Sensitivity and specificity at "
         "a score of 0.5.</p><table><tr><th>level</th><th>pooled</th><th>positive</th>"
         "<th>sites</th><th>AUROC</th><th>sensitivity</th><th>specificity</th><th>note</th></tr>"
         f"{body}</table>"

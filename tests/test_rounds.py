@@ -16,7 +16,7 @@ from common.weights import model_weights
 def test_evaluation_survives_a_failing_explanation(
     tiny_site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fed = FederationConfig(image_size=32, min_eval_cases=1)
+    fed = FederationConfig(image_size=32, min_eval_cases=1, min_eval_patients=1)
     site = SiteConfig(site_name="a", data_dir=str(tiny_site), state_dir=str(tmp_path / "state"))
     weights = model_weights(build_model(fed.model_config))
 
@@ -61,7 +61,7 @@ def test_cam_localization_sends_only_averages(tiny_site: Path) -> None:
 def test_evaluation_sends_only_aggregates_of_slices_series_and_patients(
     tiny_site: Path, tmp_path: Path
 ) -> None:
-    fed = FederationConfig(image_size=32, min_eval_cases=1)
+    fed = FederationConfig(image_size=32, min_eval_cases=1, min_eval_patients=1)
     site = SiteConfig(site_name="a", data_dir=str(tiny_site), state_dir=str(tmp_path / "state"))
     metrics = client.rounds.evaluate_round(site, fed, model_weights(build_model(fed.model_config)))
     for key, value in metrics.items():
