@@ -99,10 +99,10 @@ def _with_stats(path: Path, stats: TrainingStats, *, bias: float | None = None) 
 def _recorded(series: Path) -> TrainingStats:
     """Training statistics that match ``series`` exactly: its own quantiles on the grid."""
     from common.dicom_io import read_ct_file
-    from common.preprocess import GridConfig, to_model_grid
+    from common.preprocess import to_model_grid
 
     frames = [f for path in sorted(series.glob("*.dcm")) for f in read_ct_file(path)]
-    grid = GridConfig(image_size=32)
+    grid = FederationConfig.from_mapping({**app_defaults(), "image-size": 32}).preprocess.grid
     quantiles = hu_quantiles([to_model_grid(f.hu, f.pixel_spacing, grid) for f in frames])
     return TrainingStats(quantiles, "pooled pixels")
 

@@ -56,7 +56,7 @@ def test_simulation_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     assert (checkpoints / "round-0002.safetensors").is_file()
     assert (out / "federation" / "final_model.safetensors").is_file()
     report = (out / "report.html").read_text()
-    for section in ("Sites", "Learning curves", "Privacy", "ROC curve"):
+    for section in ("Sites", "Learning curves", "Privacy", "ROC curves"):
         assert f"<h2>{section}</h2>" in report
     assert "data:image/png;base64," in report
 
