@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from common.errors import ConfigError
 from simulations.worlds import harbor, meadow, ward
@@ -39,8 +39,12 @@ class WorldSpec:
     description: str
     role: Literal["tuning", "held-out"]
     layout: Literal["folders", "csv"]
-    writer: Callable[[Path, WorldOptions], list[SiteRecord]]
-    hospitals: int
+    sites: tuple[Any, ...]  # the world's hospital profiles, in order
+    write_site: Callable[..., SiteRecord]  # (folder, profile, *, options, index)
+
+    @property
+    def hospitals(self) -> int:
+        return len(self.sites)
 
 
 WORLDS: dict[str, WorldSpec] = {
@@ -52,8 +56,8 @@ WORLDS: dict[str, WorldSpec] = {
             "8-10 slices a patient, 160-256 px, nodules 6-24 mm, ~30% positive slices",
             "tuning",
             "folders",
-            meadow.write,
-            len(meadow.SITES),
+            meadow.SITES,
+            meadow.write_site,
         ),
         WorldSpec(
             "ward",
@@ -62,8 +66,8 @@ WORLDS: dict[str, WorldSpec] = {
             "~30-45% positive slices",
             "held-out",
             "folders",
-            ward.write,
-            len(ward.SITES),
+            ward.SITES,
+            ward.write_site,
         ),
         WorldSpec(
             "harbor",
@@ -72,8 +76,8 @@ WORLDS: dict[str, WorldSpec] = {
             "5-12 mm, ~13% positive slices",
             "held-out",
             "csv",
-            harbor.write,
-            len(harbor.SITES),
+            harbor.SITES,
+            harbor.write_site,
         ),
     )
 }
@@ -98,7 +102,11 @@ def build_world(name: str, out: Path, options: WorldOptions) -> list[SiteRecord]
             f"ask for at most {spec.hospitals}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    return spec.writer(out, options)
+    chosen = spec.sites[: options.sites] if options.sites is not None else spec.sites
+    return [
+        spec.write_site(out / site.name, site, options=options, index=i)
+        for i, site in enumerate(chosen)
+    ]
 
 
 def write_world(name: str, out: Path, *, seed: int = 0, scale: float = 1.0) -> list[Path]:

@@ -183,14 +183,6 @@ class Chest:
     hu: Numbers
 
 
-def write(out: Path, options: WorldOptions) -> list[SiteRecord]:
-    """Write harbor's hospitals under ``out`` (one folder each)."""
-    chosen = SITES[: options.sites] if options.sites is not None else SITES
-    return [
-        write_site(out / site.name, site, options=options, index=i) for i, site in enumerate(chosen)
-    ]
-
-
 def write_site(folder: Path, site: HarborSite, *, options: WorldOptions, index: int) -> SiteRecord:
     require_empty(folder)
     rng = np.random.default_rng([options.seed, _WORLD_KEY, index])

@@ -164,14 +164,6 @@ class Patient:
     hu: Calibration
 
 
-def write(out: Path, options: WorldOptions) -> list[SiteRecord]:
-    """Write ward's hospitals under ``out`` (one folder each)."""
-    chosen = SITES[: options.sites] if options.sites is not None else SITES
-    return [
-        write_site(out / site.name, site, options=options, index=i) for i, site in enumerate(chosen)
-    ]
-
-
 def write_site(folder: Path, site: WardSite, *, options: WorldOptions, index: int) -> SiteRecord:
     require_empty(folder)
     rng = np.random.default_rng([options.seed, _WORLD_KEY, index])
