@@ -46,6 +46,8 @@ class FederationConfig:
     model: str = "resnet18"
     width: int = 64  # channels of the ResNet's first stage (torchvision: 64)
     weight_standardization: bool = True  # norm = group: standardize every convolution's filters
+    stem: str = "imagenet"  # imagenet | compact (no max-pool after the first convolution)
+    pool: str = "avg"  # avg | max: the global pool before the classifier
     image_size: int = 96
     target_spacing_mm: float = 0.0  # 0: fit the whole field of view
     crop: str = "body"  # none | body: cut each frame to the patient's body before resampling
@@ -160,6 +162,8 @@ class FederationConfig:
             norm=self.resolved_norm,
             width=self.width,
             weight_standardization=self.weight_standardization,
+            stem=self.stem,
+            pool=self.pool,
         )
 
     @property

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 ARCHITECTURES: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {}
 FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "bias", "last1", "last2", "last3")
 NORMS: tuple[str, ...] = ("group", "folded")
+STEMS: tuple[str, ...] = ("imagenet", "compact")
+POOLS: tuple[str, ...] = ("avg", "max")
 
 
 class DPBasicBlock(BasicBlock):
@@ -179,6 +181,13 @@ class ModelConfig:
     # Start every residual block as the identity (Goyal et al.): it steadies long BatchNorm
     # trainings, but costs a short DP training from scratch its early progress (docs/recipe.md).
     zero_init_residual: bool = False
+    # imagenet: torchvision's stem (7x7 convolution of stride 2, then a 3x3 max-pool of stride 2);
+    # compact: the same convolution without the max-pool, so stage 1 sees a twice finer grid
+    # and a 2-3 px lesion still covers a feature-map cell there.
+    stem: str = "imagenet"
+    # avg: torchvision's global average pool; max: global max pool - a slice is positive when
+    # any one place holds a lesion, so a small lesion's evidence is not averaged away.
+    pool: str = "avg"
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -194,6 +203,10 @@ class ModelConfig:
                 f"pretrained torchvision weights have width 64; width {self.width} trains from "
                 "scratch (omit pretrained, or set width = 64)"
             )
+        if self.stem not in STEMS:
+            raise ConfigError(f"model stem must be one of {', '.join(STEMS)}; got {self.stem!r}")
+        if self.pool not in POOLS:
+            raise ConfigError(f"model pool must be one of {', '.join(POOLS)}; got {self.pool!r}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"input channels must be 1 or 3, got {self.in_channels}")
         if self.norm not in NORMS:
@@ -233,6 +246,10 @@ def build_model(cfg: ModelConfig) -> ResNet:
             norm_layer=group_norm,
             zero_init_residual=cfg.zero_init_residual,
         )
+    if cfg.stem == "compact":
+        model.maxpool = nn.Identity()  # type: ignore[assignment]
+    if cfg.pool == "max":
+        model.avgpool = nn.AdaptiveMaxPool2d(1)  # type: ignore[assignment]
     for module in model.modules():  # ReLU(inplace=True) would overwrite hooked activations
         if isinstance(module, nn.ReLU):
             module.inplace = False

@@ -190,3 +190,19 @@ def test_residual_blocks_start_as_the_identity_only_when_asked(width: int) -> No
         model = build_model(ModelConfig(width=width, zero_init_residual=zero))
         last = [block.bn2.weight for block in model.layer1]
         assert all(torch.all(w == value) for w in last)
+
+
+def test_compact_stem_and_max_pool_change_the_network_not_its_weights():
+    base = build_model(ModelConfig())
+    small = build_model(ModelConfig(stem="compact", pool="max"))
+    assert base.state_dict().keys() == small.state_dict().keys()
+    x = torch.randn(1, 3, 64, 64)
+    # without the stem's max-pool, stage 1 sees a twice finer grid
+    assert small.layer1(small.relu(small.bn1(small.conv1(x)))).shape[-1] == 32
+    assert base.layer1(base.maxpool(base.relu(base.bn1(base.conv1(x))))).shape[-1] == 16
+    features = torch.zeros(1, 512, 2, 2)
+    features[0, :, 0, 0] = 4.0  # one place holds the evidence
+    assert torch.allclose(small.avgpool(features).flatten(), torch.full((512,), 4.0))
+    assert torch.allclose(base.avgpool(features).flatten(), torch.full((512,), 1.0))
+    with pytest.raises(ConfigError, match="stem"):
+        ModelConfig(stem="cifar")
