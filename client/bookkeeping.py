@@ -36,9 +36,9 @@ from opacus.utils.module_utils import trainable_modules
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
-from client.grad_samplers import standardization, through_standardization, unfolded
-from common.errors import ConfigError
-from common.models import WSConv2d
+from fedct.client.grad_samplers import standardization, through_standardization, unfolded
+from fedct.common.errors import ConfigError
+from fedct.common.models import WSConv2d
 
 ClippedSum = Callable[[Tensor], dict[Tensor, Tensor]]  # clipping factors -> Σ c_i g_i
 Sampler = TypeVar("Sampler", bound=Callable[..., tuple[dict[Tensor, Tensor], ClippedSum]])

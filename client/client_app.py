@@ -14,13 +14,22 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.rounds import Metrics, evaluate_round, train_round
-from common.config import FederationConfig, SiteConfig
-from common.weights import Weights
+from fedct.client.rounds import Metrics, evaluate_round, train_round
+from fedct.common.config import FederationConfig, SiteConfig
+from fedct.common.version import require_same_version
+from fedct.common.weights import Weights
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+
+
+def run_settings(context: Context) -> FederationConfig:
+    """The run's settings, refused (before anything is read or trained) when the server runs
+    another FedCT version than the one installed at this hospital."""
+    fed = FederationConfig.from_mapping(context.run_config)
+    require_same_version(fed.fedct_version)
+    return fed
 
 
 def site_config(context: Context, fed: FederationConfig) -> SiteConfig:
@@ -61,7 +70,7 @@ def _reply(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
-    fed = FederationConfig.from_mapping(context.run_config)
+    fed = run_settings(context)
     site = site_config(context, fed)
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
     reply = train_round(site, fed, _weights(msg), server_round=server_round)
@@ -73,7 +82,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    fed = FederationConfig.from_mapping(context.run_config)
+    fed = run_settings(context)
     site = site_config(context, fed)
     config = msg.content.config_records.get("config", ConfigRecord())
     model_hu = config.get("train-hu-quantiles")  # the federation's, once a round has trained

@@ -54,9 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.node import NodeSettings, check_site, run_node
-    from common.config import SiteConfig
-    from common.errors import ConfigError
+    from fedct.client.node import NodeSettings, check_site, run_node
+    from fedct.common.config import SiteConfig
+    from fedct.common.errors import ConfigError
 
     secure = args.ca is not None or args.key is not None
     if args.insecure == secure or (secure and (args.ca is None or args.key is None)):

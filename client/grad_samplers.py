@@ -13,7 +13,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
-from common.models import WSConv2d
+from fedct.common.models import WSConv2d
 
 
 def unfolded(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor):

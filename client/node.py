@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.privacy import MARKER_FILE, read_entries
-from client.rounds import open_site
-from common.config import FederationConfig, SiteConfig, app_defaults
-from common.flower_tools import executable, flower_environment, write_toml
-from common.processes import sigterm_raises, start, stop_group
+from fedct.client.privacy import MARKER_FILE, read_entries
+from fedct.client.rounds import open_site
+from fedct.common.config import FederationConfig, SiteConfig, app_defaults
+from fedct.common.flower_tools import executable, flower_environment, write_toml
+from fedct.common.processes import sigterm_raises, start, stop_group
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.errors import ConfigError, FedCTError
-from common.fileio import atomic_write_text
+from fedct.common.errors import ConfigError, FedCTError
+from fedct.common.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from client.privacy import read_entries
+    from fedct.client.privacy import read_entries
 
     entries = read_entries(args.state_dir)
     table = Table(title=f"Privacy ledger of {args.state_dir}")

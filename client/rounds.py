@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torchvision.models.resnet import ResNet
 
-from common.config import FederationConfig, SiteConfig
-from common.dataset import CTSlices, site_dataset
-from common.errors import FedCTError
-from common.evaluation import evaluate
-from common.metrics import (
+from fedct.common.config import FederationConfig, SiteConfig
+from fedct.common.dataset import CTSlices, site_dataset
+from fedct.common.errors import FedCTError
+from fedct.common.evaluation import evaluate
+from fedct.common.metrics import (
     PATIENT,
     SERIES,
     SLICE,
@@ -43,10 +43,10 @@ from common.metrics import (
     max_by_group,
     score_histograms,
 )
-from common.models import build_model
-from common.seeding import derive_seed
-from common.site import SiteData, load_site
-from common.training_stats import (
+from fedct.common.models import build_model
+from fedct.common.seeding import derive_seed
+from fedct.common.site import SiteData, load_site
+from fedct.common.training_stats import (
     HU_PERCENT,
     SHIFT_LIMIT_HU,
     hu_quantiles,
@@ -54,11 +54,11 @@ from common.training_stats import (
     outside_range,
     saturated_histogram,
 )
-from common.weights import Weights, load_weights, model_weights, weight_problem
+from fedct.common.weights import Weights, load_weights, model_weights, weight_problem
 
 if TYPE_CHECKING:
-    from client.privacy import Ledger
-    from client.training import TrainConfig
+    from fedct.client.privacy import Ledger
+    from fedct.client.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _global_model(fed: FederationConfig, weights: Weights) -> ResNet:
 
 def train_config(fed: FederationConfig, server_round: int = 1) -> TrainConfig:
     """Round ``server_round``'s local training settings, from the federation's."""
-    from client.training import TrainConfig
+    from fedct.client.training import TrainConfig
 
     return TrainConfig(
         epochs=fed.local_epochs,
@@ -136,8 +136,8 @@ def train_round(
     server_round: int,
     progress: bool = False,
 ) -> TrainReply:
-    from client.privacy import BudgetExhaustedError, Ledger, PrivacyBudget, default_delta
-    from client.training import sample_rate, steps_per_epoch, train_local
+    from fedct.client.privacy import BudgetExhaustedError, Ledger, PrivacyBudget, default_delta
+    from fedct.client.training import sample_rate, steps_per_epoch, train_local
 
     data = open_site(site, fed)
     dataset = site_dataset(
@@ -381,7 +381,7 @@ def cam_localization(
     """Grad-CAM pointing-game hit rates (within tolerance, strictly inside) and energy inside
     the lesion on true-positive slices that have a mask (at most ``limit``); only these averages
     and a count leave the site."""
-    from common.gradcam import cam_maps, localization
+    from fedct.common.gradcam import cam_maps, localization
 
     chosen: list[tuple[int, np.ndarray]] = []
     for i in np.flatnonzero(true_positive):

@@ -25,11 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from client import grad_samplers  # noqa: F401  (registers Opacus grad samplers)
-from client.bookkeeping import BookkeepingModule
-from common.config import DP_CLIPPING, OPTIMIZERS
-from common.errors import ConfigError
-from common.seeding import derive_seed
+from fedct.client import grad_samplers  # noqa: F401  (registers Opacus grad samplers)
+from fedct.client.bookkeeping import BookkeepingModule
+from fedct.common.config import DP_CLIPPING, OPTIMIZERS
+from fedct.common.errors import ConfigError
+from fedct.common.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from common.dicom_io import HU_AIR
-from common.errors import ConfigError
-from common.preprocess import Window, apply_windows, normalization
+from fedct.common.dicom_io import HU_AIR
+from fedct.common.errors import ConfigError
+from fedct.common.preprocess import Window, apply_windows, normalization
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

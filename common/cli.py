@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
-from common.errors import FedCTError
-from common.logs import configure_logging
+from fedct.common.errors import FedCTError
+from fedct.common.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -40,47 +40,47 @@ GROUPS: dict[str, str] = {
 COMMANDS: tuple[Command, ...] = (
     Command(
         ("data", "inspect"),
-        "common.data_cli",
+        "fedct.common.data_cli",
         "Report what FedCT finds in a hospital's DICOM folder, and every skipped file.",
     ),
     Command(
         ("data", "synth"),
-        "simulations.synth_cli",
+        "fedct.simulations.synth_cli",
         "Write synthetic hospitals of real DICOM CT series (for simulations and tests).",
     ),
     Command(
         ("privacy", "report"),
-        "client.privacy_cli",
+        "fedct.client.privacy_cli",
         "Print a site's privacy ledger and the budget it has left.",
     ),
     Command(
         ("certs",),
-        "server.certs_cli",
+        "fedct.server.certs_cli",
         "Create the federation's CA, the server certificate and each hospital's key pair.",
     ),
     Command(
         ("pretrain",),
-        "server.pretrain_cli",
+        "fedct.server.pretrain_cli",
         "Train the federation's starting weights on public (non-hospital) CT data.",
     ),
     Command(
         ("server",),
-        "server.server_cli",
+        "fedct.server.server_cli",
         "Run the aggregation server (Flower SuperLink with TLS) and the FedCT run on it.",
     ),
     Command(
         ("client",),
-        "client.client_cli",
+        "fedct.client.client_cli",
         "Join a federation from a hospital: check its data, then start a Flower SuperNode.",
     ),
     Command(
         ("explain",),
-        "common.explain_cli",
+        "fedct.common.explain_cli",
         "Predict and show Grad-CAM overlays for a DICOM file or series, with a FedCT model.",
     ),
     Command(
         ("simulate",),
-        "simulations.simulate_cli",
+        "fedct.simulations.simulate_cli",
         "Simulate a multi-hospital federation on this machine and write a report.",
     ),
 )

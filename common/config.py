@@ -17,12 +17,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from common.augment import AUGMENTATIONS, AugmentConfig
-from common.errors import ConfigError
-from common.models import CAM_LAYERS, NORMS, ModelConfig
-from common.preprocess import GridConfig, PreprocessConfig, parse_windows
+from fedct.common.augment import AUGMENTATIONS, AugmentConfig
+from fedct.common.errors import ConfigError
+from fedct.common.models import CAM_LAYERS, NORMS, ModelConfig
+from fedct.common.preprocess import GridConfig, PreprocessConfig, parse_windows
+from fedct.common.version import FEDCT_VERSION
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 TRANSFER_DTYPES = ("float32", "float16")
 DP_CLIPPING = ("bookkeeping", "hooks")  # client/bookkeeping.py | Opacus' per-sample gradients
@@ -80,6 +80,7 @@ class FederationConfig:
     output_dir: str = "fedct-output"
     resume: bool = True
     data_root: str = ""  # simulation only: one sub-folder per hospital
+    fedct_version: str = FEDCT_VERSION  # of the server that made the run; hospitals must match
 
     def __post_init__(self) -> None:
         positive = (
@@ -217,14 +218,10 @@ class SiteConfig:
         return _from_mapping(cls, values, "node config")
 
 
-def app_defaults(project_root: Path = PROJECT_ROOT) -> dict[str, Any]:
-    """The ``[tool.flwr.app.config]`` table of FedCT's pyproject.toml."""
-    path = project_root / "pyproject.toml"
-    try:
-        data = tomllib.loads(path.read_text())
-        return dict(data["tool"]["flwr"]["app"]["config"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"cannot read FedCT's defaults from {path}: {err}") from err
+def app_defaults() -> dict[str, Any]:
+    """FedCT's default run config (kebab-case keys): the one source of defaults is
+    :class:`FederationConfig`; the Flower app's config table is written from it."""
+    return FederationConfig().to_mapping()
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

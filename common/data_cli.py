@@ -29,11 +29,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from common import json_text
-    from common.config import FederationConfig
-    from common.preprocess import GridConfig
-    from common.site import load_site
-    from common.site_report import render_text, summarize
+    from fedct.common import json_text
+    from fedct.common.config import FederationConfig
+    from fedct.common.preprocess import GridConfig
+    from fedct.common.site import load_site
+    from fedct.common.site_report import render_text, summarize
 
     size = args.image_size or FederationConfig().image_size
     site = load_site(args.site, grid=GridConfig(size), cache_dir=args.cache)

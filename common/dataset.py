@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from common.augment import AugmentConfig, Transform, eval_transform, train_transform
-from common.errors import SiteDataError
-from common.preprocess import Window
-from common.seeding import derive_seed
-from common.site import SiteData
+from fedct.common.augment import AugmentConfig, Transform, eval_transform, train_transform
+from fedct.common.errors import SiteDataError
+from fedct.common.preprocess import Window
+from fedct.common.seeding import derive_seed
+from fedct.common.site import SiteData
 
 
 class CTSlices(Dataset[tuple[torch.Tensor, int]]):

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 
-from common.dicom_values import header_value
+from fedct.common.dicom_values import header_value
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from common import json_text
-from common.augment import eval_transform
-from common.dicom_io import CTFrame, UnusableFileError, read_ct_file
-from common.errors import ConfigError
-from common.gradcam import cam_maps, cam_stage_name
-from common.model_file import load_model, read_training_stats
-from common.overlay import draw_slice
-from common.preprocess import to_model_grid
-from common.training_stats import (
+from fedct.common import json_text
+from fedct.common.augment import eval_transform
+from fedct.common.dicom_io import CTFrame, UnusableFileError, read_ct_file
+from fedct.common.errors import ConfigError
+from fedct.common.gradcam import cam_maps, cam_stage_name
+from fedct.common.model_file import load_model, read_training_stats
+from fedct.common.overlay import draw_slice
+from fedct.common.preprocess import to_model_grid
+from fedct.common.training_stats import (
     NO_STATS_NOTE,
     SATURATED_NOTE,
     SHIFT_LIMIT_HU,

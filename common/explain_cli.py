@@ -25,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.explain import explain, score_text
+    from fedct.common.explain import explain, score_text
 
     report = explain(args.model, args.input, args.out, method=args.method, layer=args.layer)
     positive = report["positive_class"]

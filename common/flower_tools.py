@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.errors import FedCTError
+from fedct.common.errors import FedCTError
 
 
 def executable(name: str) -> str:

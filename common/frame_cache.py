@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from common.dicom_io import CTFrame, UnusableFileError, read_ct_file
-from common.fileio import atomic_write, atomic_write_text
-from common.preprocess import Box, GridConfig, body_box, to_model_grid
+from fedct.common.dicom_io import CTFrame, UnusableFileError, read_ct_file
+from fedct.common.fileio import atomic_write, atomic_write_text
+from fedct.common.preprocess import Box, GridConfig, body_box, to_model_grid
 
 log = logging.getLogger(__name__)
 

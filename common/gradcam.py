@@ -26,8 +26,8 @@ from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from common.errors import ConfigError
-from common.models import RESNET_STAGES, resnet_stage, stage_shapes
+from fedct.common.errors import ConfigError
+from fedct.common.models import RESNET_STAGES, resnet_stage, stage_shapes
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 

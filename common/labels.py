@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from common.errors import SiteDataError
+from fedct.common.errors import SiteDataError
 
 LABELS_FILE = "labels.csv"
 MASKS_DIR = "masks"

@@ -16,8 +16,7 @@ def configure_logging(verbosity: int = 0) -> None:
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     handler = RichHandler(show_path=verbosity > 0, rich_tracebacks=verbosity > 0, markup=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("common", "server", "client", "simulations"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level)
-        logger.propagate = False
+    logger = logging.getLogger("fedct")  # every FedCT module logs below it, and nothing else
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False

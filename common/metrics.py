@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import FedCTError
+from fedct.common.errors import FedCTError
 
 DEFAULT_BINS = 100
 LOGIT_RANGE = 12.0  # sigmoid(12) = 1 - 6e-6: beyond this, scores share the end bins

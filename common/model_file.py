@@ -13,12 +13,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from common.config import FederationConfig
-from common.errors import ConfigError
-from common.fileio import atomic_write
-from common.models import build_model
-from common.training_stats import STATS_KEY, TrainingStats, stats_from_metadata
-from common.weights import Weights, load_weights
+from fedct.common.config import FederationConfig
+from fedct.common.errors import ConfigError
+from fedct.common.fileio import atomic_write
+from fedct.common.models import build_model
+from fedct.common.training_stats import STATS_KEY, TrainingStats, stats_from_metadata
+from fedct.common.weights import Weights, load_weights
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet

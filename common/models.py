@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from common.errors import ConfigError
+from fedct.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

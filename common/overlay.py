@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.axes import Axes
 
-from common.preprocess import WINDOW_PRESETS
+from fedct.common.preprocess import WINDOW_PRESETS
 
 
 def lung_view(hu: np.ndarray) -> np.ndarray:

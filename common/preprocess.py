@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from common.dicom_io import HU_AIR
-from common.errors import ConfigError
+from fedct.common.dicom_io import HU_AIR
+from fedct.common.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported where windows are applied: cache-building workers skip it
     import torch

@@ -18,11 +18,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from common.errors import SiteDataError
-from common.frame_cache import FrameMeta, decode_site
-from common.labels import MASKS_DIR, SPLITS, discover
-from common.preprocess import GridConfig, to_model_grid
-from common.split import patient_split
+from fedct.common.errors import SiteDataError
+from fedct.common.frame_cache import FrameMeta, decode_site
+from fedct.common.labels import MASKS_DIR, SPLITS, discover
+from fedct.common.preprocess import GridConfig, to_model_grid
+from fedct.common.split import patient_split
 
 log = logging.getLogger(__name__)
 

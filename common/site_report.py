@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common.errors import SiteDataError
-from common.site import SiteData
+from fedct.common.errors import SiteDataError
+from fedct.common.site import SiteData
 
 
 @dataclass(frozen=True)

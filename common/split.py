@@ -6,7 +6,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Hashable, Mapping
 
-from common.errors import ConfigError
+from fedct.common.errors import ConfigError
 
 
 def patient_split(

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from common.metrics import bin_edges
+from fedct.common.metrics import bin_edges
 
 STATS_KEY = "fedct-training-stats"
 HU_PERCENT = (1.0, 5.0, 50.0, 95.0, 99.0)

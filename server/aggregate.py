@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from common.weights import Weights
+from fedct.common.weights import Weights
 
 
 class WeightedMean:

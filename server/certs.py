@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from common.errors import ConfigError
-from common.fileio import atomic_write_text
+from fedct.common.errors import ConfigError
+from fedct.common.fileio import atomic_write_text
 
 HOSPITALS = "hospitals"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

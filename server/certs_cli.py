@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.certs import CertPaths, create, server_names_of
+    from fedct.server.certs import CertPaths, create, server_names_of
 
     paths = CertPaths(args.out.resolve())
     written = create(paths.folder, args.hospital, args.server_name, days=args.days)

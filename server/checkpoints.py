@@ -20,13 +20,13 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from common import json_text
-from common.config import FederationConfig
-from common.errors import FedCTError
-from common.fileio import atomic_write, atomic_write_text
-from common.model_file import save_model
-from common.training_stats import TrainingStats
-from common.weights import Weights
+from fedct.common import json_text
+from fedct.common.config import FederationConfig
+from fedct.common.errors import FedCTError
+from fedct.common.fileio import atomic_write, atomic_write_text
+from fedct.common.model_file import save_model
+from fedct.common.training_stats import TrainingStats
+from fedct.common.weights import Weights
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,15 @@ from typing import Any
 
 from rich.console import Console
 
-from common import json_text
-from common.config import PROJECT_ROOT, FederationConfig, app_defaults
-from common.errors import FedCTError
-from common.flower_tools import executable, flower_environment, write_toml
-from common.processes import sigterm_raises, start, stop_group, wait_for_port
-from server.certs import CertPaths
-from server.checkpoints import read_metrics
-from server.progress import follow_rounds
+from fedct.common import json_text
+from fedct.common.app_bundle import write_app
+from fedct.common.config import FederationConfig, app_defaults
+from fedct.common.errors import FedCTError
+from fedct.common.flower_tools import executable, flower_environment, write_toml
+from fedct.common.processes import sigterm_raises, start, stop_group, wait_for_port
+from fedct.server.certs import CertPaths
+from fedct.server.checkpoints import read_metrics
+from fedct.server.progress import follow_rounds
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ def register_hospitals(settings: ServerSettings) -> list[str]:
 def submit_run(settings: ServerSettings) -> str:
     config = {**settings.run_config, "output-dir": str(settings.run_dir.resolve())}
     overrides = write_toml(settings.state_dir / "run-config.toml", config)
-    answer = flwr(settings, "run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(overrides))
+    app = write_app(settings.state_dir / "app")  # the installed FedCT; no code in the bundle
+    answer = flwr(settings, "run", str(app), CONNECTION, "--run-config", str(overrides))
     if not answer.get("success") or "run-id" not in answer:
         raise DeploymentError(f"the SuperLink did not accept the FedCT run: {answer}")
     return str(answer["run-id"])

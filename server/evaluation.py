@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from common.metrics import LEVELS, Level, auroc_from_histograms, scores_tied, tie_share
+from fedct.common.metrics import LEVELS, Level, auroc_from_histograms, scores_tied, tie_share
 
 # per-site Grad-CAM averages (client/rounds.py), pooled weighted by each site's scored slices
 CAM_AVERAGES = ("cam-pointing", "cam-pointing-strict", "cam-energy")

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from common.metrics import SLICE
-from common.training_stats import SATURATED, SATURATED_SHARE, saturated_histogram
-from server.evaluation import TIED_NOTE, tied_levels
+from fedct.common.metrics import SLICE
+from fedct.common.training_stats import SATURATED, SATURATED_SHARE, saturated_histogram
+from fedct.server.evaluation import TIED_NOTE, tied_levels
 
 LOSS_FACTOR = 10.0
 # An earlier round ranked when its pooled tie share was below this, half the tie limit

@@ -42,18 +42,18 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
-from common.augment import AUGMENTATIONS
-from common.config import FederationConfig
-from common.dataset import CTSlices, site_dataset, site_lesion_dataset
-from common.errors import ConfigError
-from common.evaluation import evaluate
-from common.fileio import atomic_write
-from common.gradcam import cam_stage_name
-from common.metrics import binary_metrics
-from common.models import resnet_stage, stage_shapes
-from common.seeding import derive_seed
-from common.site import load_site
-from common.training_stats import STATS_KEY, TrainingStats, hu_quantiles, score_stats
+from fedct.common.augment import AUGMENTATIONS
+from fedct.common.config import FederationConfig
+from fedct.common.dataset import CTSlices, site_dataset, site_lesion_dataset
+from fedct.common.errors import ConfigError
+from fedct.common.evaluation import evaluate
+from fedct.common.fileio import atomic_write
+from fedct.common.gradcam import cam_stage_name
+from fedct.common.metrics import binary_metrics
+from fedct.common.models import resnet_stage, stage_shapes
+from fedct.common.seeding import derive_seed
+from fedct.common.site import load_site
+from fedct.common.training_stats import STATS_KEY, TrainingStats, hu_quantiles, score_stats
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.config import FederationConfig, parse_overrides
-    from common.errors import ConfigError
-    from server.pretrain import LESION_WEIGHT, pretrain
+    from fedct.common.config import FederationConfig, parse_overrides
+    from fedct.common.errors import ConfigError
+    from fedct.server.pretrain import LESION_WEIGHT, pretrain
 
     if args.out.suffix != ".safetensors":
         raise ConfigError(f"--out must name a .safetensors file, got {args.out}")

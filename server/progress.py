@@ -12,10 +12,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.metrics import LEVELS, SLICE
-from server.checkpoints import read_metrics
-from server.evaluation import TIED_NOTE, tied_levels
-from server.health import Collapse
+from fedct.common.metrics import LEVELS, SLICE
+from fedct.server.checkpoints import read_metrics
+from fedct.server.evaluation import TIED_NOTE, tied_levels
+from fedct.server.health import Collapse
 
 
 def follow_rounds(

@@ -13,11 +13,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import FederationConfig
-from common.model_file import save_model
-from common.models import build_model
-from common.weights import model_weights
-from server.checkpoints import CheckpointStore
+from fedct.common.config import FederationConfig
+from fedct.common.model_file import save_model
+from fedct.common.models import build_model
+from fedct.common.weights import model_weights
+from fedct.server.checkpoints import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from server.strategy import make_strategy
+    from fedct.server.strategy import make_strategy
 
     fed = FederationConfig.from_mapping(context.run_config)
     out = Path(fed.output_dir)

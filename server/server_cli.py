@@ -47,10 +47,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from common.config import parse_overrides
-    from common.errors import ConfigError
-    from server.certs import CertPaths
-    from server.deploy import ServerSettings, serve
+    from fedct.common.config import parse_overrides
+    from fedct.common.errors import ConfigError
+    from fedct.server.certs import CertPaths
+    from fedct.server.deploy import ServerSettings, serve
 
     if args.insecure == (args.certs is not None):
         raise ConfigError(

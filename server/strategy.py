@@ -43,14 +43,14 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from common.config import FederationConfig
-from common.metrics import is_histogram_key
-from common.training_stats import TrainingStats, combine_hu_quantiles, histogram_score_stats
-from common.weights import Weights, weight_problem
-from server.aggregate import WeightedMean
-from server.checkpoints import CheckpointStore, ServerState, append_metrics, read_metrics
-from server.evaluation import TIED_NOTE, pool_evaluations, tied_levels
-from server.health import RunSoFar, detect_collapse
+from fedct.common.config import FederationConfig
+from fedct.common.metrics import is_histogram_key
+from fedct.common.training_stats import TrainingStats, combine_hu_quantiles, histogram_score_stats
+from fedct.common.weights import Weights, weight_problem
+from fedct.server.aggregate import WeightedMean
+from fedct.server.checkpoints import CheckpointStore, ServerState, append_metrics, read_metrics
+from fedct.server.evaluation import TIED_NOTE, pool_evaluations, tied_levels
+from fedct.server.health import RunSoFar, detect_collapse
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Memory is measured apart, each kind of step in a fresh process: its peak residen
 during the steps, above the non-private step's, against batch x trainable-parameter bytes
 (what materialising every per-sample gradient costs).
 
-    python -m simulations.bench_dp [--sizes 96 224] [--norm group folded]
+    python -m fedct.simulations.bench_dp [--sizes 96 224] [--norm group folded]
         [--freeze none last1 head] [--batch 32] [--steps 4] [--json FILE]
 
 ``group`` is FedCT's model trained from scratch (GroupNorm + weight standardization, the
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from client.training import TrainConfig, make_private
-from common.models import ModelConfig, build_model
+from fedct.client.training import TrainConfig, make_private
+from fedct.common.models import ModelConfig, build_model
 
 MODES = ("plain", "hooks", "bookkeeping")
 

@@ -14,7 +14,7 @@
    The replies share one payload so that 1000 of them fit in memory: the aggregation still
    decodes, validates and sums each one as if it were distinct.
 
-    python -m simulations.bench_federation [--part deployment|aggregation|all] [--json F]
+    python -m fedct.simulations.bench_federation [--part deployment|aggregation|all] [--json F]
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from common.models import ModelConfig, build_model
-from common.weights import model_weights
-from simulations.loopback import LoopbackFederation
-from simulations.synth import SynthSettings, write_hospitals
+from fedct.common.models import ModelConfig, build_model
+from fedct.common.weights import model_weights
+from fedct.simulations.loopback import LoopbackFederation
+from fedct.simulations.synth import SynthSettings, write_hospitals
 
 
 def deployment(rounds: int, scale: float, dtypes: list[str]) -> dict[str, Any]:
@@ -93,9 +93,9 @@ def aggregation(counts: list[int]) -> dict[str, Any]:
     from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from common.config import FederationConfig, app_defaults
-    from server.strategy import make_strategy
-    from simulations.replies import train_reply
+    from fedct.common.config import FederationConfig, app_defaults
+    from fedct.server.strategy import make_strategy
+    from fedct.simulations.replies import train_reply
 
     fed = FederationConfig.from_mapping({**app_defaults(), "min-sites": 1})
     weights = model_weights(build_model(ModelConfig("resnet18", num_classes=2)))

@@ -6,7 +6,7 @@ hospitals (different patients, e.g. another synthetic seed). ``--norm batch`` is
 stock ResNet-18 (BatchNorm, not usable under DP); ``--norm group`` is FedCT's DP-compatible
 one (GroupNorm + weight standardization), ``group-no-ws`` the same without standardization.
 
-    python -m simulations.bench_learnability --data synth/ --test synth-test/ [--norm batch]
+    python -m fedct.simulations.bench_learnability --data synth/ --test synth-test/ [--norm batch]
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torchvision
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from common.config import FederationConfig
-from common.dataset import site_dataset
-from common.models import build_model
-from common.site import load_site
+from fedct.common.config import FederationConfig
+from fedct.common.dataset import site_dataset
+from fedct.common.models import build_model
+from fedct.common.site import load_site
 
 
 def _stack(

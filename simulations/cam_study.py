@@ -1,7 +1,7 @@
 """Grad-CAM study on a simulation's output: where the CAM points on each ResNet stage, and
 whether the model needs the lesion at all.
 
-    python -m simulations.cam_study OUT [--split train,val] [--method gradcam] [--json F]
+    python -m fedct.simulations.cam_study OUT [--split train,val] [--method gradcam] [--json F]
 
 OUT is a ``fedct simulate`` output folder (its ``data/`` sites with lesion masks and its
 ``federation/final_model.safetensors``). For every positive slice with a mask it reports, per
@@ -25,11 +25,11 @@ import cv2
 import numpy as np
 import torch
 
-from common.augment import eval_transform
-from common.gradcam import METHODS, POINTING_TOLERANCE, cam_maps, localization
-from common.model_file import load_model
-from common.models import RESNET_STAGES
-from common.site import load_site
+from fedct.common.augment import eval_transform
+from fedct.common.gradcam import METHODS, POINTING_TOLERANCE, cam_maps, localization
+from fedct.common.model_file import load_model
+from fedct.common.models import RESNET_STAGES
+from fedct.common.site import load_site
 
 
 def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:

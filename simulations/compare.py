@@ -28,17 +28,17 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from client.privacy import PrivacyBudget, calibrate_noise, default_delta
-from client.rounds import train_config
-from client.training import sample_rate, steps_per_epoch, train_local
-from common.config import FederationConfig
-from common.dataset import CTSlices, site_dataset
-from common.evaluation import evaluate
-from common.metrics import DivergedModelError, binary_metrics
-from common.model_file import load_model
-from common.models import build_model
-from common.seeding import derive_seed
-from common.site import SiteData, load_site
+from fedct.client.privacy import PrivacyBudget, calibrate_noise, default_delta
+from fedct.client.rounds import train_config
+from fedct.client.training import sample_rate, steps_per_epoch, train_local
+from fedct.common.config import FederationConfig
+from fedct.common.dataset import CTSlices, site_dataset
+from fedct.common.evaluation import evaluate
+from fedct.common.metrics import DivergedModelError, binary_metrics
+from fedct.common.model_file import load_model
+from fedct.common.models import build_model
+from fedct.common.seeding import derive_seed
+from fedct.common.site import SiteData, load_site
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, RecordDict
@@ -20,9 +21,9 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
-from client.client_app import app as client_app
-from common.config import PROJECT_ROOT
-from server.server_app import app as server_app
+from fedct.client.client_app import app as client_app
+from fedct.common.app_bundle import write_app
+from fedct.server.server_app import app as server_app
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def run_flower_simulation(
         server_app=server_app,
         backend_config=backend_config,  # type: ignore[arg-type]
         server_app_context=context,
-        app_dir=str(PROJECT_ROOT),
+        app_dir=str(write_app(Path(str(run_config["output-dir"])) / "flower-app")),
         is_app=True,  # sites fuse pyproject defaults with this run's overrides
         run=run,
     )

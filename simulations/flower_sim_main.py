@@ -15,8 +15,8 @@ def main() -> int:
     parser.add_argument("--cpus", type=int, required=True)
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from common.logs import configure_logging
-    from simulations.flower_sim import run_flower_simulation
+    from fedct.common.logs import configure_logging
+    from fedct.simulations.flower_sim import run_flower_simulation
 
     configure_logging(0)
     run_flower_simulation(json.loads(args.config), num_sites=args.sites, cpus=args.cpus)

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.processes import start, stop_group
-from server.certs import create
+from fedct.common.processes import start, stop_group
+from fedct.server.certs import create
 
 
 def free_port() -> int:
@@ -39,7 +39,7 @@ class LoopbackFederation:
     def _fedct(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = (self.root / f"{log_name}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        child = start([sys.executable, "-m", "common.cli", *args], log=log, env=env)
+        child = start([sys.executable, "-m", "fedct.common.cli", *args], log=log, env=env)
         log.close()  # the child has its own descriptor
         self.children.append(child)
         return child

@@ -34,15 +34,15 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 from torchvision.models import resnet18
 
-from client.privacy import default_delta, epsilon_of
-from common.augment import AUGMENTATIONS
-from common.config import FederationConfig
-from common.dataset import CTSlices, site_dataset
-from common.evaluation import evaluate
-from common.metrics import binary_metrics
-from common.preprocess import WINDOW_PRESETS, GridConfig
-from common.seeding import derive_seed
-from common.site import load_site
+from fedct.client.privacy import default_delta, epsilon_of
+from fedct.common.augment import AUGMENTATIONS
+from fedct.common.config import FederationConfig
+from fedct.common.dataset import CTSlices, site_dataset
+from fedct.common.evaluation import evaluate
+from fedct.common.metrics import binary_metrics
+from fedct.common.preprocess import WINDOW_PRESETS, GridConfig
+from fedct.common.seeding import derive_seed
+from fedct.common.site import load_site
 
 log = logging.getLogger(__name__)
 

@@ -23,16 +23,16 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from common.config import FederationConfig
-from common.dataset import site_dataset
-from common.gradcam import POINTING_TOLERANCE, cam_maps, cam_stage_name
-from common.metrics import LEVELS, SLICE, roc_from_histograms
-from common.model_file import load_model
-from common.overlay import draw_slice
-from common.site import load_site
-from server.evaluation import TIED_NOTE, tied_levels
-from server.health import Collapse
-from simulations.compare import versus_text
+from fedct.common.config import FederationConfig
+from fedct.common.dataset import site_dataset
+from fedct.common.gradcam import POINTING_TOLERANCE, cam_maps, cam_stage_name
+from fedct.common.metrics import LEVELS, SLICE, roc_from_histograms
+from fedct.common.model_file import load_model
+from fedct.common.overlay import draw_slice
+from fedct.common.site import load_site
+from fedct.server.evaluation import TIED_NOTE, tied_levels
+from fedct.server.health import Collapse
+from fedct.simulations.compare import versus_text
 
 MISSING = {
     "Grad-CAM gallery": "No held-out slice was predicted positive (score >= 0.5) by the final "

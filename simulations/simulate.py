@@ -19,16 +19,16 @@ from typing import Any
 
 from rich.console import Console
 
-from common import json_text
-from common.config import FederationConfig, app_defaults
-from common.errors import FedCTError
-from common.flower_tools import flower_environment
-from common.processes import sigterm_raises, start, stop_group
-from server.checkpoints import read_metrics
-from server.evaluation import tied_levels
-from server.health import Collapse
-from server.progress import follow_rounds
-from simulations.synth import SynthSettings, write_hospitals
+from fedct.common import json_text
+from fedct.common.config import FederationConfig, app_defaults
+from fedct.common.errors import FedCTError
+from fedct.common.flower_tools import flower_environment
+from fedct.common.processes import sigterm_raises, start, stop_group
+from fedct.server.checkpoints import read_metrics
+from fedct.server.evaluation import tied_levels
+from fedct.server.health import Collapse
+from fedct.server.progress import follow_rounds
+from fedct.simulations.synth import SynthSettings, write_hospitals
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def prepare_pretrained(
         fed = FederationConfig.from_mapping({**app_defaults(), **overrides, "pretrained": ""})
         weights = paths.out / f"public-pretrained-{_pretraining_key(fed)}.safetensors"
         if not weights.is_file():
-            from server.pretrain import pretrain
+            from fedct.server.pretrain import pretrain
 
             if not paths.public.is_dir() or not any(paths.public.iterdir()):
                 console.print("writing the public (pretraining) data set ...")
@@ -133,7 +133,7 @@ def prepare_pretrained(
 
 
 def _pretraining_key(fed: FederationConfig) -> str:
-    from server.pretrain import LESION_WEIGHT
+    from fedct.server.pretrain import LESION_WEIGHT
 
     about = (
         f"{fed.model}|{fed.image_size}|{fed.windows}|{fed.classes}|{fed.target_spacing_mm}"
@@ -176,7 +176,7 @@ def run_federation(
     args = [
         sys.executable,
         "-m",
-        "simulations.flower_sim_main",
+        "fedct.simulations.flower_sim_main",
         "--sites",
         str(num_sites),
         "--cpus",
@@ -253,7 +253,7 @@ def add_comparison(
     """Train the centralized and local-only baselines; add the table to ``summary.json``."""
     from dataclasses import asdict
 
-    from simulations.compare import compare, versus_text
+    from fedct.simulations.compare import compare, versus_text
 
     console.print("training the comparison models (centralized, local-only) ...")
     rows = compare(

@@ -54,13 +54,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from common.config import FederationConfig, parse_overrides
-    from server.checkpoints import read_metrics
-    from server.evaluation import TIED_NOTE
-    from server.health import Collapse
-    from server.progress import auroc_text
-    from simulations.report import write_report
-    from simulations.simulate import (
+    from fedct.common.config import FederationConfig, parse_overrides
+    from fedct.server.checkpoints import read_metrics
+    from fedct.server.evaluation import TIED_NOTE
+    from fedct.server.health import Collapse
+    from fedct.server.progress import auroc_text
+    from fedct.simulations.report import write_report
+    from fedct.simulations.simulate import (
         SimulationPaths,
         add_comparison,
         prepare_data,

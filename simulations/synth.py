@@ -20,9 +20,9 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless, RLELossless
 from tqdm import tqdm
 
-from common.errors import ConfigError
-from simulations.dicom_writer import Scanner, SliceHeader, new_uid, write_ct_slice
-from simulations.phantom import nodule_radius_in_slice, random_anatomy, render_slice, scan
+from fedct.common.errors import ConfigError
+from fedct.simulations.dicom_writer import Scanner, SliceHeader, new_uid, write_ct_slice
+from fedct.simulations.phantom import nodule_radius_in_slice, random_anatomy, render_slice, scan
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.world is not None:
         return _run_world(args)
-    from simulations.synth import SynthSettings, write_hospitals
+    from fedct.simulations.synth import SynthSettings, write_hospitals
 
     sites = args.sites if args.sites is not None else 3
     written = write_hospitals(args.out, SynthSettings(sites, args.seed, args.scale))
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_world(args: argparse.Namespace) -> int:
-    from simulations.worlds import WorldOptions, build_world, world_spec
+    from fedct.simulations.worlds import WorldOptions, build_world, world_spec
 
     spec = world_spec(args.world)
     records = build_world(

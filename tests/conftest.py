@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.synth import PROFILES, write_hospital
+from fedct.simulations.synth import PROFILES, write_hospital
 
 
 def _interrupt(signum: int, _frame: object) -> None:

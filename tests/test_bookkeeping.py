@@ -11,10 +11,10 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.bookkeeping import BookkeepingModule
-from client.training import TrainConfig, train_local
-from common.errors import ConfigError
-from common.models import ModelConfig, build_model
+from fedct.client.bookkeeping import BookkeepingModule
+from fedct.client.training import TrainConfig, train_local
+from fedct.common.errors import ConfigError
+from fedct.common.models import ModelConfig, build_model
 
 
 def _clipped_sum_by_definition(

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from common.config import FederationConfig
-from common.model_file import save_model
-from common.models import build_model
-from common.weights import model_weights
-from simulations.cam_study import main
+from fedct.common.config import FederationConfig
+from fedct.common.model_file import save_model
+from fedct.common.models import build_model
+from fedct.common.weights import model_weights
+from fedct.simulations.cam_study import main
 
 
 def test_cam_study_reports_every_stage_and_the_occlusion_check(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import COMMANDS, main
+from fedct.common.cli import COMMANDS, main
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import FederationConfig, app_defaults
-from common.model_file import save_model
-from common.models import build_model
-from common.weights import model_weights
-from simulations.compare import compare, paired_auroc_difference
-from simulations.report import compare_table
+from fedct.common.config import FederationConfig, app_defaults
+from fedct.common.model_file import save_model
+from fedct.common.models import build_model
+from fedct.common.weights import model_weights
+from fedct.simulations.compare import compare, paired_auroc_difference
+from fedct.simulations.report import compare_table
 from tests.conftest import write_tiny_site
 
 
@@ -119,10 +119,10 @@ def test_a_diverged_baseline_gets_an_empty_row_not_a_crash() -> None:
     import numpy as np
     import torch
 
-    from common.augment import eval_transform
-    from common.dataset import CTSlices
-    from common.preprocess import WINDOW_PRESETS
-    from simulations.compare import HeldOut, _evaluate
+    from fedct.common.augment import eval_transform
+    from fedct.common.dataset import CTSlices
+    from fedct.common.preprocess import WINDOW_PRESETS
+    from fedct.simulations.compare import HeldOut, _evaluate
 
     class Diverged(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

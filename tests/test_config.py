@@ -1,13 +1,49 @@
 from __future__ import annotations
 
+import importlib
+import tomllib
+from importlib.metadata import distribution, version
+from pathlib import Path
+
 import pytest
 
-from common.config import FederationConfig, SiteConfig, app_defaults, parse_overrides
-from common.errors import ConfigError
+from fedct.common.app_bundle import write_app
+from fedct.common.config import FederationConfig, SiteConfig, app_defaults, parse_overrides
+from fedct.common.errors import ConfigError, FedCTError
+from fedct.common.version import VersionMismatchError, require_same_version
 
 
-def test_pyproject_defaults_match_the_dataclass() -> None:
-    assert app_defaults() == FederationConfig().to_mapping()
+def test_the_flower_app_is_settings_only_and_names_the_installed_fedct(tmp_path: Path) -> None:
+    app = write_app(tmp_path / "app")
+    assert [p.name for p in app.iterdir()] == ["pyproject.toml"]  # no code to ship
+    project = tomllib.loads((app / "pyproject.toml").read_text())
+    flwr_app = project["tool"]["flwr"]["app"]
+    assert flwr_app["components"] == {
+        "serverapp": "fedct.server.server_app:app",
+        "clientapp": "fedct.client.client_app:app",
+    }
+    assert flwr_app["config"] == FederationConfig().to_mapping()
+    assert flwr_app["config"]["fedct-version"] == version("fedct") == project["project"]["version"]
+    for ref in flwr_app["components"].values():  # importable from the installed package
+        module, _, attr = ref.partition(":")
+        assert hasattr(importlib.import_module(module), attr)
+    (app / "task.py").write_text("import os\n")
+    with pytest.raises(FedCTError, match=r"task\.py"):
+        write_app(app)
+
+
+def test_a_hospital_refuses_another_fedct_version() -> None:
+    require_same_version(version("fedct"))
+    with pytest.raises(VersionMismatchError) as err:
+        require_same_version("0.0.1")
+    assert "0.0.1" in str(err.value)
+    assert version("fedct") in str(err.value)
+
+
+def test_no_generic_top_level_packages_are_importable_from_an_installed_fedct() -> None:
+    files = distribution("fedct").files or []
+    tops = {f.parts[0] for f in files if f.suffix == ".py"}
+    assert not tops & {"common", "client", "server", "simulations"}, tops
 
 
 def test_run_config_overrides_and_errors() -> None:

@@ -10,12 +10,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.node import NodeSettings, check_site, supernode_args
-from common.cli import main
-from common.config import SiteConfig
-from common.errors import ConfigError, SiteDataError
-from server.certs import CertPaths, create, server_names_of
-from server.deploy import ServerSettings, superlink_args, write_flower_config
+from fedct.client.node import NodeSettings, check_site, supernode_args
+from fedct.common.cli import main
+from fedct.common.config import SiteConfig
+from fedct.common.errors import ConfigError, SiteDataError
+from fedct.server.certs import CertPaths, create, server_names_of
+from fedct.server.deploy import ServerSettings, superlink_args, write_flower_config
 
 
 def test_certs_are_complete_valid_and_never_overwritten(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from client.privacy import LEDGER_FILE, read_entries
-from simulations.loopback import LoopbackFederation
+from fedct.client.privacy import LEDGER_FILE, read_entries
+from fedct.simulations.loopback import LoopbackFederation
 from tests.conftest import write_tiny_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML
 
-from common.dicom_io import HU_AIR, UnusableFileError, read_ct_file
+from fedct.common.dicom_io import HU_AIR, UnusableFileError, read_ct_file
 
 
 def pydicom_file(name: str) -> Path:

@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from common.cli import main
-from common.config import FederationConfig, app_defaults
-from common.errors import ConfigError
-from common.explain import explain
-from common.model_file import read_model, save_model
-from common.models import build_model
-from common.training_stats import (
+from fedct.common.cli import main
+from fedct.common.config import FederationConfig, app_defaults
+from fedct.common.errors import ConfigError
+from fedct.common.explain import explain
+from fedct.common.model_file import read_model, save_model
+from fedct.common.models import build_model
+from fedct.common.training_stats import (
     NO_STATS_NOTE,
     SATURATED_NOTE,
     SHIFT_LIMIT_HU,
     TrainingStats,
     hu_quantiles,
 )
-from common.weights import model_weights
+from fedct.common.weights import model_weights
 
 
 @pytest.fixture
@@ -98,8 +98,8 @@ def _with_stats(path: Path, stats: TrainingStats, *, bias: float | None = None) 
 
 def _recorded(series: Path) -> TrainingStats:
     """Training statistics that match ``series`` exactly: its own quantiles on the grid."""
-    from common.dicom_io import read_ct_file
-    from common.preprocess import to_model_grid
+    from fedct.common.dicom_io import read_ct_file
+    from fedct.common.preprocess import to_model_grid
 
     frames = [f for path in sorted(series.glob("*.dcm")) for f in read_ct_file(path)]
     grid = FederationConfig.from_mapping({**app_defaults(), "image-size": 32}).preprocess.grid

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import ConfigError
-from common.gradcam import (
+from fedct.common.errors import ConfigError
+from fedct.common.gradcam import (
     POINTING_TOLERANCE,
     cam_maps,
     cam_peak,
@@ -17,9 +17,9 @@ from common.gradcam import (
     localization,
     pointing_hit,
 )
-from common.models import ModelConfig, build_model
-from common.preprocess import GridConfig
-from common.site import load_site
+from fedct.common.models import ModelConfig, build_model
+from fedct.common.preprocess import GridConfig
+from fedct.common.site import load_site
 
 
 def test_pointing_game_and_energy_on_hand_made_maps() -> None:

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.metrics import score_histograms
-from server.evaluation import pool_evaluations
-from server.health import Collapse, RunSoFar, detect_collapse
+from fedct.common.metrics import score_histograms
+from fedct.server.evaluation import pool_evaluations
+from fedct.server.health import Collapse, RunSoFar, detect_collapse
 
 LN2 = math.log(2)
 
@@ -149,20 +149,20 @@ def test_every_sign_is_named_and_the_first_gives_the_advice() -> None:
 def test_a_real_model_with_a_huge_bias_is_detected_by_the_site_and_the_server(
     tiny_site: Path, tmp_path: Path
 ) -> None:
-    import client.rounds
-    from common.config import FederationConfig, SiteConfig
-    from common.models import build_model
-    from common.weights import model_weights
+    import fedct.client.rounds
+    from fedct.common.config import FederationConfig, SiteConfig
+    from fedct.common.models import build_model
+    from fedct.common.weights import model_weights
 
     fed = FederationConfig(image_size=32, min_eval_cases=1)
     site = SiteConfig(site_name="a", data_dir=str(tiny_site), state_dir=str(tmp_path / "state"))
     model = build_model(fed.model_config)
-    healthy = client.rounds.evaluate_round(site, fed, model_weights(model))
+    healthy = fedct.client.rounds.evaluate_round(site, fed, model_weights(model))
     assert healthy["scores-saturated"] == 0
     assert _detect(pool_evaluations([healthy])) is None
     weights = model_weights(model)
     weights["fc.bias"] = np.asarray([-50.0, 50.0], np.float32)  # p(nodule) = 1.000 everywhere
-    metrics = client.rounds.evaluate_round(site, fed, weights)
+    metrics = fedct.client.rounds.evaluate_round(site, fed, weights)
     assert metrics["scores-saturated"] == 1
     collapse = _detect(pool_evaluations([metrics]))
     assert collapse is not None
@@ -172,13 +172,13 @@ def test_a_real_model_with_a_huge_bias_is_detected_by_the_site_and_the_server(
 def test_the_strategy_logs_and_records_a_collapse(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from server.progress import round_line
-    from simulations.replies import train_reply
+    from fedct.server.progress import round_line
+    from fedct.simulations.replies import train_reply
     from tests.test_server import _site_metrics, _strategy
 
     strategy = _strategy(tmp_path)
     labels = [i % 2 == 0 for i in range(12)]
-    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+    with caplog.at_level(logging.WARNING, logger="fedct.server.strategy"):
         strategy.aggregate_evaluate(
             1, [train_reply("a", 1, None, _site_metrics([1.0] * 12, labels))]
         )
@@ -196,8 +196,8 @@ def test_the_strategy_logs_and_records_a_collapse(
 
 
 def _run_with(tmp_path: Path, collapse: Collapse | None) -> Any:
-    from server.checkpoints import append_metrics
-    from simulations.simulate import SimulationPaths
+    from fedct.server.checkpoints import append_metrics
+    from fedct.simulations.simulate import SimulationPaths
 
     paths = SimulationPaths(tmp_path)
     hist = score_histograms([0.2, 0.7, 0.9, 0.4], [False, True, True, False]).tolist()
@@ -213,11 +213,11 @@ def _run_with(tmp_path: Path, collapse: Collapse | None) -> Any:
 
 
 def test_summary_and_report_name_the_collapse(tmp_path: Path) -> None:
-    from common.config import FederationConfig
-    from server.checkpoints import read_metrics
-    from server.health import ADVICE
-    from simulations.report import write_report
-    from simulations.simulate import summarize
+    from fedct.common.config import FederationConfig
+    from fedct.server.checkpoints import read_metrics
+    from fedct.server.health import ADVICE
+    from fedct.simulations.report import write_report
+    from fedct.simulations.simulate import summarize
 
     fed = FederationConfig(dp=False)
     collapse = Collapse("saturated", "held-out scores saturated", ADVICE["saturated"])

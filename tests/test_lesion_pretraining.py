@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from common.augment import AugmentConfig, train_transform
-from common.config import FederationConfig
-from common.dataset import CTSlices, LesionSlices, site_lesion_dataset
-from common.errors import ConfigError
-from common.gradcam import cam_stage_name
-from common.preprocess import Window
-from common.site import load_site
-from server.pretrain import METADATA_KEY, PretrainResult, _LesionHead, pretrain, stock_resnet
+from fedct.common.augment import AugmentConfig, train_transform
+from fedct.common.config import FederationConfig
+from fedct.common.dataset import CTSlices, LesionSlices, site_lesion_dataset
+from fedct.common.errors import ConfigError
+from fedct.common.gradcam import cam_stage_name
+from fedct.common.preprocess import Window
+from fedct.common.site import load_site
+from fedct.server.pretrain import METADATA_KEY, PretrainResult, _LesionHead, pretrain, stock_resnet
 
 WINDOWS = (Window(-600.0, 1500.0), Window(40.0, 400.0))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common.metrics import (
+from fedct.common.metrics import (
     auroc_from_histograms,
     bin_edges,
     binary_metrics,
@@ -79,14 +79,14 @@ def test_binary_metrics() -> None:
 
 
 def test_non_finite_scores_say_the_model_diverged() -> None:
-    from common.metrics import DivergedModelError
+    from fedct.common.metrics import DivergedModelError
 
     with pytest.raises(DivergedModelError, match="2 of 3 scores are NaN or infinite"):
         binary_metrics(np.array([0.2, np.nan, np.inf]), np.array([False, True, True]))
 
 
 def test_series_and_patient_scores_are_the_max_of_their_slices() -> None:
-    from common.metrics import max_by_group
+    from fedct.common.metrics import max_by_group
 
     # 2 patients x 2 series x 3 slices; a series (patient) is positive if any slice is
     scores = np.array([0.1, 0.7, 0.2, 0.3, 0.2, 0.1, 0.9, 0.4, 0.8, 0.6, 0.5, 0.05])
@@ -106,7 +106,7 @@ def test_series_and_patient_scores_are_the_max_of_their_slices() -> None:
 
 
 def test_tie_detector_fires_on_constant_scores_only() -> None:
-    from common.metrics import scores_tied, tie_share
+    from fedct.common.metrics import scores_tied, tie_share
 
     rng = np.random.default_rng(3)
     y = rng.random(400) < 0.4
@@ -124,7 +124,7 @@ def test_tie_detector_fires_on_constant_scores_only() -> None:
 def test_json_for_users_is_strict() -> None:
     import json
 
-    from common.json_text import dumps
+    from fedct.common.json_text import dumps
 
     def reject(constant: str) -> None:
         raise ValueError(f"non-standard JSON constant {constant}")

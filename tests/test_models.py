@@ -10,9 +10,9 @@ from opacus.validators import ModuleValidator
 from safetensors.torch import save_file
 from torch import nn
 
-import client.grad_samplers  # noqa: F401  (registers the WSConv2d grad sampler)
-from common.errors import ConfigError
-from common.models import ModelConfig, WSConv2d, build_model
+import fedct.client.grad_samplers  # noqa: F401  (registers the WSConv2d grad sampler)
+from fedct.common.errors import ConfigError
+from fedct.common.models import ModelConfig, WSConv2d, build_model
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from client.privacy import Ledger, PrivacyBudget, epsilon_of
-from client.training import sample_rate, steps_per_epoch
-from simulations import peer_recipe
-from simulations.peer_recipe import (
+from fedct.client.privacy import Ledger, PrivacyBudget, epsilon_of
+from fedct.client.training import sample_rate, steps_per_epoch
+from fedct.simulations import peer_recipe
+from fedct.simulations.peer_recipe import (
     PeerSite,
     fedavg,
     load_peer_data,

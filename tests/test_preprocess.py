@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.augment import AugmentConfig, eval_transform, train_transform
-from common.errors import ConfigError
-from common.preprocess import (
+from fedct.common.augment import AugmentConfig, eval_transform, train_transform
+from fedct.common.errors import ConfigError
+from fedct.common.preprocess import (
     WINDOW_PRESETS,
     GridConfig,
     Window,
@@ -112,8 +112,8 @@ def test_augment_config_validates() -> None:
 
 
 def test_flips_augmentation_keeps_every_pixel_as_scanned() -> None:
-    from common.augment import AUGMENTATIONS
-    from common.config import FederationConfig, app_defaults
+    from fedct.common.augment import AUGMENTATIONS
+    from fedct.common.config import FederationConfig, app_defaults
 
     windows = tuple(WINDOW_PRESETS.values())
     hu = torch.randn(1, 32, 32) * 500

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from common.config import FederationConfig
-from common.errors import ConfigError
-from common.models import build_model
-from common.training_stats import stats_from_metadata
-from server.pretrain import METADATA_KEY, pretrain, stock_resnet
+from fedct.common.config import FederationConfig
+from fedct.common.errors import ConfigError
+from fedct.common.models import build_model
+from fedct.common.training_stats import stats_from_metadata
+from fedct.server.pretrain import METADATA_KEY, pretrain, stock_resnet
 from tests.conftest import write_tiny_site
 
 
@@ -91,8 +91,12 @@ def test_one_window_pretraining_fits_a_one_channel_federation(
 def test_simulation_start_settings(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from common.errors import FedCTError
-    from simulations.simulate import PRETRAINED_FINE_TUNING, SimulationPaths, prepare_pretrained
+    from fedct.common.errors import FedCTError
+    from fedct.simulations.simulate import (
+        PRETRAINED_FINE_TUNING,
+        SimulationPaths,
+        prepare_pretrained,
+    )
 
     paths, console = SimulationPaths(tmp_path), Console(quiet=True)
     assert prepare_pretrained("none", paths, {"seed": 1}, seed=1, console=console) == {"seed": 1}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.privacy import (
+from fedct.client.privacy import (
     BudgetExhaustedError,
     Ledger,
     LedgerError,
@@ -16,8 +16,8 @@ from client.privacy import (
     default_delta,
     epsilon_of,
 )
-from client.training import TrainConfig, train_local
-from common.errors import ConfigError
+from fedct.client.training import TrainConfig, train_local
+from fedct.common.errors import ConfigError
 
 
 def test_rdp_known_answer_from_opacus_tests() -> None:
@@ -144,7 +144,7 @@ def test_accounted_steps_and_rate_are_those_opacus_trains_with(
     from opacus.data_loader import DPDataLoader
     from torch.utils.data import DataLoader
 
-    from client.training import sample_rate, steps_per_epoch
+    from fedct.client.training import sample_rate, steps_per_epoch
 
     data = TensorDataset(torch.randn(n, 1, 4, 4), torch.randint(0, 2, (n,)))
     dp_loader = DPDataLoader.from_data_loader(DataLoader(data, batch_size=batch))
@@ -157,7 +157,7 @@ def test_accounted_steps_and_rate_are_those_opacus_trains_with(
 
 
 def test_privacy_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from common.cli import main
+    from fedct.common.cli import main
 
     ledger = Ledger.open(tmp_path, PrivacyBudget(epsilon=8.0, delta=1e-5))
     ledger.record(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10, model_version="abc")

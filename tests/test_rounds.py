@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import client.rounds
-from common.config import FederationConfig, SiteConfig
-from common.models import build_model
-from common.weights import model_weights
+import fedct.client.rounds
+from fedct.common.config import FederationConfig, SiteConfig
+from fedct.common.models import build_model
+from fedct.common.weights import model_weights
 
 
 def test_evaluation_survives_a_failing_explanation(
@@ -23,8 +23,8 @@ def test_evaluation_survives_a_failing_explanation(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no gradient reached the target layer")
 
-    monkeypatch.setattr(client.rounds, "cam_localization", broken)
-    metrics = client.rounds.evaluate_round(site, fed, weights)
+    monkeypatch.setattr(fedct.client.rounds, "cam_localization", broken)
+    metrics = fedct.client.rounds.evaluate_round(site, fed, weights)
     assert metrics["reported"] == 1
     assert metrics["num-examples"] > 0
     assert 0.0 <= metrics["accuracy"] <= 1.0
@@ -36,8 +36,8 @@ def test_evaluation_survives_a_failing_explanation(
 def test_cam_localization_sends_only_averages(tiny_site: Path) -> None:
     import numpy as np
 
-    from common.dataset import site_dataset
-    from common.site import load_site
+    from fedct.common.dataset import site_dataset
+    from fedct.common.site import load_site
 
     fed = FederationConfig(image_size=32)
     data = load_site(tiny_site, grid=fed.preprocess.grid, progress=False)
@@ -49,7 +49,7 @@ def test_cam_localization_sends_only_averages(tiny_site: Path) -> None:
     positive = np.asarray([data.slices[int(r)].label == "nodule" for r in rows])
     assert positive.any()
     model = build_model(fed.model_config).eval()
-    metrics = client.rounds.cam_localization(
+    metrics = fedct.client.rounds.cam_localization(
         model, data, dataset, rows, positive, 1, layer=fed.cam_layer
     )
     assert set(metrics) == {"cam-slices", "cam-pointing", "cam-pointing-strict", "cam-energy"}
@@ -63,7 +63,9 @@ def test_evaluation_sends_only_aggregates_of_slices_series_and_patients(
 ) -> None:
     fed = FederationConfig(image_size=32, min_eval_cases=1, min_eval_patients=1)
     site = SiteConfig(site_name="a", data_dir=str(tiny_site), state_dir=str(tmp_path / "state"))
-    metrics = client.rounds.evaluate_round(site, fed, model_weights(build_model(fed.model_config)))
+    metrics = fedct.client.rounds.evaluate_round(
+        site, fed, model_weights(build_model(fed.model_config))
+    )
     for key, value in metrics.items():
         assert isinstance(value, int | float | list), key  # no strings, no identifiers
         if isinstance(value, list):
@@ -83,7 +85,7 @@ def test_evaluation_sends_only_aggregates_of_slices_series_and_patients(
 def test_small_cohorts_report_series_and_patients_as_counts_only() -> None:
     import numpy as np
 
-    from common.metrics import PATIENT, SERIES
+    from fedct.common.metrics import PATIENT, SERIES
 
     scores = np.array([0.1, 0.8, 0.3, 0.6])
     positive = np.array([False, True, False, False])
@@ -91,14 +93,14 @@ def test_small_cohorts_report_series_and_patients_as_counts_only() -> None:
         SERIES: [("p1", "a"), ("p1", "b"), ("p2", "c"), ("p2", "c")],
         PATIENT: ["p1"] * 2 + ["p2"] * 2,
     }
-    counts = client.rounds.group_levels(groups, scores, positive, bins=10, min_patients=3)
+    counts = fedct.client.rounds.group_levels(groups, scores, positive, bins=10, min_patients=3)
     assert counts == {
         "series-num": 3,
         "series-reported": 0,
         "patient-num": 2,
         "patient-reported": 0,
     }
-    full = client.rounds.group_levels(groups, scores, positive, bins=10, min_patients=2)
+    full = fedct.client.rounds.group_levels(groups, scores, positive, bins=10, min_patients=2)
     assert full["series-reported"] == full["patient-reported"] == 1
     assert full["series-positives"] == 1
     assert full["patient-auroc"] == 1.0  # p1 (positive) 0.8 > p2 (negative) 0.6

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.weights import weight_problem
-from server.checkpoints import (
+from fedct.common.weights import weight_problem
+from fedct.server.checkpoints import (
     CheckpointError,
     CheckpointStore,
     ServerState,
@@ -80,8 +80,8 @@ def _reject(constant: str) -> None:
 
 
 def _strategy(tmp_path: Path, **settings: object):  # type: ignore[no-untyped-def]
-    from common.config import FederationConfig, app_defaults
-    from server.strategy import make_strategy
+    from fedct.common.config import FederationConfig, app_defaults
+    from fedct.server.strategy import make_strategy
 
     fed = FederationConfig.from_mapping({**app_defaults(), "min-sites": 1, **settings})
     strategy = make_strategy(fed, tmp_path, first_round=1, state=None)
@@ -95,7 +95,7 @@ def _update(value: float, dtype: type = np.float32) -> dict[str, np.ndarray]:
 
 
 def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates(tmp_path: Path) -> None:
-    from simulations.replies import train_reply
+    from fedct.simulations.replies import train_reply
 
     strategy = _strategy(tmp_path)
     bad = _update(1.0)
@@ -123,7 +123,7 @@ def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates(tmp_path: Path
 
 
 def test_too_few_valid_updates_keep_the_previous_model(tmp_path: Path) -> None:
-    from simulations.replies import train_reply
+    from fedct.simulations.replies import train_reply
 
     strategy = _strategy(tmp_path, **{"min-sites": 2, "max-update-norm": 1.0})
     replies = [
@@ -137,7 +137,7 @@ def test_too_few_valid_updates_keep_the_previous_model(tmp_path: Path) -> None:
 def test_float16_transfer_casts_what_goes_to_the_sites(tmp_path: Path) -> None:
     from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-    from simulations.replies import train_reply
+    from fedct.simulations.replies import train_reply
 
     strategy = _strategy(tmp_path, **{"transfer-dtype": "float16"})
     train_reply("a", 1, None, {})  # sets the task identity messages need
@@ -155,7 +155,7 @@ def test_float16_transfer_casts_what_goes_to_the_sites(tmp_path: Path) -> None:
 
 
 def test_update_distance_spans_blocks_exactly() -> None:
-    from common.weights import _BLOCK
+    from fedct.common.weights import _BLOCK
 
     rng = np.random.default_rng(0)
     ref = {"w": rng.normal(size=(3, _BLOCK // 2 + 7)).astype(np.float32)}
@@ -174,7 +174,7 @@ def test_aggregation_matches_flowers_fedavg(tmp_path: Path, strategy_name: str) 
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from simulations.replies import train_reply
+    from fedct.simulations.replies import train_reply
 
     rng = np.random.default_rng(1)
     reference = {
@@ -223,8 +223,8 @@ def _site_metrics(
     series_scores: list[float], series_positive: list[bool], *, bins: int = 100
 ) -> dict[str, object]:
     """A site's evaluation metrics with one slice per series and one series per patient."""
-    from client.rounds import group_levels, level_aggregates
-    from common.metrics import PATIENT, SERIES, SLICE
+    from fedct.client.rounds import group_levels, level_aggregates
+    from fedct.common.metrics import PATIENT, SERIES, SLICE
 
     scores, positive = np.asarray(series_scores), np.asarray(series_positive)
     patients = [f"p{i}" for i in range(len(scores))]
@@ -242,7 +242,7 @@ def _site_metrics(
 def test_pooled_series_auroc_equals_sklearns_on_all_series() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from server.evaluation import pool_evaluations
+    from fedct.server.evaluation import pool_evaluations
 
     # log-odds at least 0.5 apart (a bin is 0.24 wide): no two series share a bin
     logits = np.arange(-6.0, 6.0, 0.5)
@@ -263,8 +263,8 @@ def test_pooled_series_auroc_equals_sklearns_on_all_series() -> None:
 
 
 def test_round_record_pools_levels_and_flags_tied_scores(tmp_path: Path) -> None:
-    from server.progress import round_line
-    from simulations.replies import train_reply
+    from fedct.server.progress import round_line
+    from fedct.simulations.replies import train_reply
 
     strategy = _strategy(tmp_path)
     near_constant = [0.3 + 1e-5 * i for i in range(12)]  # per-site AUROC 1, all in one bin
@@ -290,7 +290,7 @@ def test_round_record_pools_levels_and_flags_tied_scores(tmp_path: Path) -> None
 
 
 def test_round_line_says_no_dp_without_privacy() -> None:
-    from server.progress import round_line
+    from fedct.server.progress import round_line
 
     train = {"num-examples": 40, "train-loss": 0.31, "epsilon": math.nan}
     record = {

@@ -7,10 +7,10 @@ import math
 import re
 from pathlib import Path
 
-from common.config import FederationConfig
-from common.metrics import score_histograms
-from server.checkpoints import append_metrics
-from simulations.simulate import SimulationPaths, summarize
+from fedct.common.config import FederationConfig
+from fedct.common.metrics import score_histograms
+from fedct.server.checkpoints import append_metrics
+from fedct.simulations.simulate import SimulationPaths, summarize
 
 
 def _reject(constant: str) -> None:
@@ -43,8 +43,8 @@ def test_summary_is_strict_json_with_series_and_patient_auroc(tmp_path: Path) ->
 
 
 def test_report_shows_levels_and_no_dp(tmp_path: Path) -> None:
-    from server.checkpoints import read_metrics
-    from simulations.report import write_report
+    from fedct.server.checkpoints import read_metrics
+    from fedct.simulations.report import write_report
 
     paths = _no_dp_run(tmp_path)
     fed = FederationConfig(dp=False)

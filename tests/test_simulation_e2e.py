@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
+from fedct.common.cli import main
 from tests.conftest import write_tiny_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -76,9 +76,9 @@ def test_simulation_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
 def test_simulation_fine_tunes_only_the_head_of_pretrained_weights(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
-    from common.config import FederationConfig
-    from common.models import build_model
-    from server.pretrain import pretrain
+    from fedct.common.config import FederationConfig
+    from fedct.common.models import build_model
+    from fedct.server.pretrain import pretrain
 
     data = tmp_path / "data"
     for i in range(2):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from common.dicom_io import CTFrame, read_ct_file
-from common.errors import SiteDataError
-from common.frame_cache import decode_site
-from common.labels import discover
-from common.preprocess import GridConfig
-from common.site import load_site
+from fedct.common.dicom_io import CTFrame, read_ct_file
+from fedct.common.errors import SiteDataError
+from fedct.common.frame_cache import decode_site
+from fedct.common.labels import discover
+from fedct.common.preprocess import GridConfig
+from fedct.common.site import load_site
 
 GRID = GridConfig(image_size=32)
 
@@ -174,7 +174,7 @@ def test_cache_hit_skips_decoding(tiny_site: Path, tmp_path: Path) -> None:
     calls: list[Path] = []
 
     def counting(path: Path, data: bytes) -> list:
-        from common.dicom_io import read_ct_file
+        from fedct.common.dicom_io import read_ct_file
 
         calls.append(path)
         return read_ct_file(path, data)
@@ -223,7 +223,7 @@ def test_helper_processes_decode_exactly_what_one_process_does(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import common.frame_cache as frame_cache
+    import fedct.common.frame_cache as frame_cache
 
     files = discover(tiny_site).files
     serial = decode_site(tiny_site, files, GRID, None, progress=False, workers=1)

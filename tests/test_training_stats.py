@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import FederationConfig
-from common.metrics import score_histograms
-from common.model_file import read_model, read_training_stats, save_model
-from common.training_stats import (
+from fedct.common.config import FederationConfig
+from fedct.common.metrics import score_histograms
+from fedct.common.model_file import read_model, read_training_stats, save_model
+from fedct.common.training_stats import (
     BODY_FLOOR_HU,
     HU_PERCENT,
     ScoreStats,
@@ -118,8 +118,8 @@ def test_an_old_model_file_still_loads(tmp_path: Path) -> None:
 def test_altered_statistics_are_refused_clearly(tmp_path: Path) -> None:
     from safetensors.numpy import save_file
 
-    from common.errors import ConfigError
-    from common.training_stats import STATS_KEY
+    from fedct.common.errors import ConfigError
+    from fedct.common.training_stats import STATS_KEY
 
     path = tmp_path / "bad.safetensors"
     save_file(REFERENCE, str(path), metadata={STATS_KEY: "{not json"})
@@ -128,7 +128,7 @@ def test_altered_statistics_are_refused_clearly(tmp_path: Path) -> None:
 
 
 def test_checkpoints_record_the_statistics(tmp_path: Path) -> None:
-    from server.checkpoints import CheckpointStore, ServerState
+    from fedct.server.checkpoints import CheckpointStore, ServerState
 
     stats = TrainingStats((-900.0, -850.0, -200.0, 100.0, 400.0), "pooled pixels")
     path = CheckpointStore(tmp_path, FederationConfig()).save(
@@ -149,7 +149,7 @@ def test_the_strategy_combines_the_sites_quantiles_and_sends_them_to_evaluation(
 ) -> None:
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    from simulations.replies import train_reply
+    from fedct.simulations.replies import train_reply
     from tests.test_server import REFERENCE as SERVER_REFERENCE
     from tests.test_server import _site_metrics, _strategy
 
@@ -184,12 +184,12 @@ def test_the_strategy_combines_the_sites_quantiles_and_sends_them_to_evaluation(
 def test_a_site_sends_its_training_quantiles_and_flags_shifted_held_out_data(
     tiny_site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import client.rounds
-    import client.training
-    from common.config import SiteConfig
-    from common.models import build_model
-    from common.site import load_site
-    from common.weights import model_weights
+    import fedct.client.rounds
+    import fedct.client.training
+    from fedct.common.config import SiteConfig
+    from fedct.common.models import build_model
+    from fedct.common.site import load_site
+    from fedct.common.weights import model_weights
 
     fed = FederationConfig(image_size=32, min_eval_cases=1, dp=False)
     site = SiteConfig(
@@ -198,20 +198,22 @@ def test_a_site_sends_its_training_quantiles_and_flags_shifted_held_out_data(
     weights = model_weights(build_model(fed.model_config))
 
     def no_training(model: object, dataset: object, *args: object, **kwargs: object) -> object:
-        return client.training.TrainResult(1, 1, 0.5, 0.0, None, 1.0)
+        return fedct.client.training.TrainResult(1, 1, 0.5, 0.0, None, 1.0)
 
-    monkeypatch.setattr(client.training, "train_local", no_training)
-    monkeypatch.setattr(client.rounds, "cam_localization", lambda *a, **k: client.rounds.NO_CAM)
-    reply = client.rounds.train_round(site, fed, weights, server_round=1)
+    monkeypatch.setattr(fedct.client.training, "train_local", no_training)
+    monkeypatch.setattr(
+        fedct.client.rounds, "cam_localization", lambda *a, **k: fedct.client.rounds.NO_CAM
+    )
+    reply = fedct.client.rounds.train_round(site, fed, weights, server_round=1)
     data = load_site(tiny_site, grid=fed.preprocess.grid, progress=False)
     train_q = hu_quantiles(data.images[data.indices("train")])
     assert reply.metrics["train-hu-quantiles"] == list(train_q or ())
     held_out = hu_quantiles(data.images[data.indices(data.eval_split())])
     assert held_out is not None
-    same = client.rounds.evaluate_round(site, fed, weights, model_hu=held_out)
+    same = fedct.client.rounds.evaluate_round(site, fed, weights, model_hu=held_out)
     assert same["intensity-outside"] == 0
     assert same["scores-saturated"] == 0
     below = [q - 500 for q in held_out]  # the model saw values 500 HU lower
-    shifted = client.rounds.evaluate_round(site, fed, weights, model_hu=below)
+    shifted = fedct.client.rounds.evaluate_round(site, fed, weights, model_hu=below)
     assert shifted["intensity-outside"] == 1
     assert shifted["num-examples"] == same["num-examples"] > 0

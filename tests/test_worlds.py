@@ -15,13 +15,13 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from common.cli import main
-from common.dicom_io import read_ct_file
-from common.errors import ConfigError
-from common.labels import LABELS_FILE, MASKS_DIR
-from common.preprocess import GridConfig
-from common.site import SiteData, load_site
-from simulations.worlds import (
+from fedct.common.cli import main
+from fedct.common.dicom_io import read_ct_file
+from fedct.common.errors import ConfigError
+from fedct.common.labels import LABELS_FILE, MASKS_DIR
+from fedct.common.preprocess import GridConfig
+from fedct.common.site import SiteData, load_site
+from fedct.simulations.worlds import (
     WORLDS,
     SiteRecord,
     WorldOptions,
@@ -235,7 +235,7 @@ def test_same_seed_same_bytes_other_seed_other_pixels(tmp_path: Path) -> None:
 
 
 def _imported_modules(path: Path) -> set[str]:
-    package = "simulations.worlds"
+    package = "fedct.simulations.worlds"
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -251,7 +251,11 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_worlds_share_no_code_with_fedct_generator() -> None:
-    forbidden = ("simulations.phantom", "simulations.synth", "simulations.dicom_writer")
+    forbidden = (
+        "fedct.simulations.phantom",
+        "fedct.simulations.synth",
+        "fedct.simulations.dicom_writer",
+    )
     sources = sorted(WORLD_DIR.glob("*.py"))
     assert {p.stem for p in sources} >= {"__init__", "dicom_out", "meadow", "ward", "harbor"}
     for path in sources:
@@ -260,7 +264,7 @@ def test_worlds_share_no_code_with_fedct_generator() -> None:
         assert not bad, f"{path.name} imports {bad}"
         if path.stem in ("meadow", "ward", "harbor"):  # nor with each other, beyond dicom_out
             ours = {m for m in imported if m.startswith("simulations")}
-            assert all(m.startswith("simulations.worlds.dicom_out") for m in ours), ours
+            assert all(m.startswith("fedct.simulations.worlds.dicom_out") for m in ours), ours
 
 
 def test_fedct_reads_a_real_ct_slice_in_the_worlds_hu_range(world: World) -> None:

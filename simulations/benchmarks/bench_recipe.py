@@ -11,9 +11,9 @@ For each seed, on the same hospitals (``--data``, or one world written once with
 Prints one row per method and seed (pooled AUROC, true ε per site min-max, wall time, steps per
 site min-max); ``--json`` writes the rows with each method's details.
 
-    python -m simulations.benchmarks.bench_recipe --data DIR [--rounds 5] [--epsilon 8]
+    python -m fedct.simulations.benchmarks.bench_recipe --data DIR [--rounds 5] [--epsilon 8]
         [--seeds 0 1 2] [--no-dp] [--set KEY=VALUE ...] [--peer-centralized] [--json FILE]
-    python -m simulations.benchmarks.bench_recipe --world meadow --seed 0 ...
+    python -m fedct.simulations.benchmarks.bench_recipe --world meadow --seed 0 ...
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import FederationConfig, parse_overrides
-from common.errors import FedCTError
-from server.checkpoints import read_metrics
-from simulations.peer_recipe import PeerRecipe, load_peer_data, run_peer, run_peer_centralized
+from fedct.common.config import FederationConfig, parse_overrides
+from fedct.common.errors import FedCTError
+from fedct.server.checkpoints import read_metrics
+from fedct.simulations.peer_recipe import PeerRecipe, load_peer_data, run_peer, run_peer_centralized
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def run_peer_row(
 
 def world_data(name: str, out: Path, *, seed: int, scale: float) -> Path:
     """Write world ``name`` (simulations/worlds) under ``out``; returns the hospitals' folder."""
-    from simulations.worlds import write_world
+    from fedct.simulations.worlds import write_world
 
     folders = write_world(name, out, seed=seed, scale=scale)
     if not folders or any(f.parent.resolve() != out.resolve() for f in folders):

@@ -7,7 +7,7 @@ every variant runs on the same sites and seed, one after the other, and the scri
 JSON line per round and a final table (pooled AUROC on every site's held-out patients, wall
 time, optimizer steps per site, ε per site).
 
-    python -m simulations.benchmarks.recipe_study --data DIR --rounds 5 \\
+    python -m fedct.simulations.benchmarks.recipe_study --data DIR --rounds 5 \\
         --variant "" --variant "optimizer=sgd learning-rate=0.05"
 """
 
@@ -26,17 +26,17 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from client.privacy import PrivacyBudget, calibrate_noise, default_delta, epsilon_of
-from client.rounds import train_config
-from client.training import sample_rate, steps_per_epoch, train_local
-from common.config import FederationConfig, app_defaults, parse_overrides
-from common.dataset import site_dataset
-from common.evaluation import evaluate
-from common.models import build_model
-from common.seeding import derive_seed
-from common.site import SiteData, load_site
-from common.weights import load_weights, model_weights
-from server.aggregate import WeightedMean
+from fedct.client.privacy import PrivacyBudget, calibrate_noise, default_delta, epsilon_of
+from fedct.client.rounds import train_config
+from fedct.client.training import sample_rate, steps_per_epoch, train_local
+from fedct.common.config import FederationConfig, app_defaults, parse_overrides
+from fedct.common.dataset import site_dataset
+from fedct.common.evaluation import evaluate
+from fedct.common.models import build_model
+from fedct.common.seeding import derive_seed
+from fedct.common.site import SiteData, load_site
+from fedct.common.weights import load_weights, model_weights
+from fedct.server.aggregate import WeightedMean
 
 
 def _sites(root: Path, fed: FederationConfig, cache: Path) -> dict[str, SiteData]:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from common.errors import ConfigError
-from simulations.worlds import harbor, meadow, ward
-from simulations.worlds.dicom_out import SiteRecord, WorldOptions
+from fedct.common.errors import ConfigError
+from fedct.simulations.worlds import harbor, meadow, ward
+from fedct.simulations.worlds.dicom_out import SiteRecord, WorldOptions
 
 __all__ = [
     "WORLDS",

@@ -26,7 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from common.errors import ConfigError
+from fedct.common.errors import ConfigError
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 COMPRESSED = (RLELossless, JPEG2000Lossless)

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from simulations.worlds.dicom_out import (
+from fedct.simulations.worlds.dicom_out import (
     Scanner,
     SiteRecord,
     SliceGeometry,

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from simulations.worlds.dicom_out import (
+from fedct.simulations.worlds.dicom_out import (
     Scanner,
     SiteRecord,
     SliceGeometry,

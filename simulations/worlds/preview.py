@@ -1,6 +1,6 @@
 """Preview pictures of the evaluation worlds and the numbers of docs/worlds.md's size table.
 
-``python -m simulations.worlds.preview OUT_DIR [--worlds meadow ward] [--seed 0]`` writes each
+``python -m fedct.simulations.worlds.preview OUT_DIR [--worlds meadow ward] [--seed 0]`` writes each
 world at scale 1 under ``OUT_DIR/<world>/``, then ``OUT_DIR/world-<world>.png`` (the pictures
 in docs/img/): one typical nodule slice per hospital (its lesion the median size there) with the
 lesion outlined in red, and one normal slice, as FedCT's reader returns them at the native
@@ -22,11 +22,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from common.dicom_io import read_ct_file
-from common.labels import MASKS_DIR
-from common.preprocess import GridConfig
-from common.site import SiteData, load_site
-from simulations.worlds import WORLDS, SiteRecord, WorldOptions, build_world
+from fedct.common.dicom_io import read_ct_file
+from fedct.common.labels import MASKS_DIR
+from fedct.common.preprocess import GridConfig
+from fedct.common.site import SiteData, load_site
+from fedct.simulations.worlds import WORLDS, SiteRecord, WorldOptions, build_world
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # decoders chat at INFO
-    logging.getLogger("simulations").setLevel(logging.INFO)
+    logging.getLogger("fedct.simulations").setLevel(logging.INFO)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [preview(name, args.out, seed=args.seed) for name in args.worlds]
     print("\n".join(rows))  # the entry point's output
