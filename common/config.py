@@ -1,8 +1,8 @@
 """FedCT's settings, parsed once into frozen, validated dataclasses.
 
-``FederationConfig`` holds the federation-wide settings: the defaults are the
-``[tool.flwr.app.config]`` table of pyproject.toml (kebab-case keys), overridable per run
-(``--run-config`` or ``fedct simulate --set key=value``). ``SiteConfig`` holds what only a
+``FederationConfig`` holds the federation-wide settings and is their one source of defaults
+(kebab-case keys; the Flower app's config table is written from it, common/app_bundle.py),
+overridable per run (``--run-config`` or ``fedct simulate --set key=value``). ``SiteConfig`` holds what only a
 hospital decides (its data folder, state folder and privacy budget); it arrives as the SuperNode's
 node config and never from the server.
 """

@@ -49,7 +49,7 @@ class ServerSettings:
     certs: CertPaths | None  # None: --insecure
     host: str = "0.0.0.0"
     port: int = 8000
-    run_config: dict[str, Any] = field(default_factory=dict)  # [tool.flwr.app.config] overrides
+    run_config: dict[str, Any] = field(default_factory=dict)  # run-config overrides
 
     @property
     def run_dir(self) -> Path:

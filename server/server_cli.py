@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any [tool.flwr.app.config] key, e.g. --set min-sites=3",
+        help="any run-config key (README: Configuration reference), e.g. --set min-sites=3",
     )
     parser.add_argument(
         "--keep-running",

@@ -2,7 +2,7 @@
 
 Flower's public ``run_simulation`` cannot pass a run config, which FedCT's apps read; this calls
 the function behind it (as Flower's ``flwr-simulation`` process does) with the fused config:
-pyproject defaults plus this run's overrides. flwr is pinned, so this private entry is stable
+FedCT's defaults plus this run's overrides. flwr is pinned, so this private entry is stable
 for us; the e2e test catches a change.
 """
 

@@ -46,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any [tool.flwr.app.config] key, e.g. --set local-epochs=2",
+        help="any run-config key (README: Configuration reference), e.g. --set local-epochs=2",
     )
     parser.set_defaults(handler=run)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import importlib
 import tomllib
-from importlib.metadata import distribution, version
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -38,12 +38,6 @@ def test_a_hospital_refuses_another_fedct_version() -> None:
         require_same_version("0.0.1")
     assert "0.0.1" in str(err.value)
     assert version("fedct") in str(err.value)
-
-
-def test_no_generic_top_level_packages_are_importable_from_an_installed_fedct() -> None:
-    files = distribution("fedct").files or []
-    tops = {f.parts[0] for f in files if f.suffix == ".py"}
-    assert not tops & {"common", "client", "server", "simulations"}, tops
 
 
 def test_run_config_overrides_and_errors() -> None:
