@@ -32,6 +32,7 @@ from torchvision.models.resnet import ResNet
 
 from fedct.common.config import FederationConfig, SiteConfig
 from fedct.common.dataset import CTSlices, site_dataset
+from fedct.common.devices import resolve_device
 from fedct.common.errors import FedCTError
 from fedct.common.evaluation import evaluate
 from fedct.common.metrics import (
@@ -190,6 +191,7 @@ def train_round(
         progress=progress,
         description=site.site_name,
         epsilon_after=epsilon_after,
+        device=resolve_device(fed.device),
     )
     epsilon = math.nan
     if ledger is not None and sigma is not None:
@@ -244,7 +246,7 @@ def evaluate_round(
         # Too few cases to report anything but a count without disclosing a tiny cohort.
         return {"num-examples": n, "reported": 0, **level_counts(groups)}
     model = _global_model(fed, weights)
-    result = evaluate(model, dataset)
+    result = evaluate(model, dataset, device=resolve_device(fed.device))
     positive_class = len(fed.class_names) - 1
     positive = result.targets == positive_class
     scores = result.probabilities[:, -1]

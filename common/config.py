@@ -2,9 +2,9 @@
 
 ``FederationConfig`` holds the federation-wide settings and is their one source of defaults
 (kebab-case keys; the Flower app's config table is written from it, common/app_bundle.py),
-overridable per run (``--run-config`` or ``fedct simulate --set key=value``). ``SiteConfig`` holds what only a
-hospital decides (its data folder, state folder and privacy budget); it arrives as the SuperNode's
-node config and never from the server.
+overridable per run (``--run-config`` or ``fedct simulate --set key=value``). ``SiteConfig``
+holds what only a hospital decides (its data folder, state folder and privacy budget); it
+arrives as the SuperNode's node config and never from the server.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedct.common.augment import AUGMENTATIONS, AugmentConfig
+from fedct.common.devices import check_device
 from fedct.common.errors import ConfigError
 from fedct.common.models import CAM_LAYERS, NORMS, ModelConfig
 from fedct.common.preprocess import GridConfig, PreprocessConfig, parse_windows
@@ -80,6 +81,7 @@ class FederationConfig:
     output_dir: str = "fedct-output"
     resume: bool = True
     data_root: str = ""  # simulation only: one sub-folder per hospital
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (common/devices.py); auto: a GPU if present
     fedct_version: str = FEDCT_VERSION  # of the server that made the run; hospitals must match
 
     def __post_init__(self) -> None:
@@ -135,6 +137,7 @@ class FederationConfig:
                 'norm = "folded" needs pretrained BatchNorm weights (set pretrained = PATH, '
                 'e.g. from `fedct pretrain`), or use norm = "group" to train from scratch'
             )
+        check_device(self.device)
         self.model_config  # noqa: B018 - validates the model, freeze policy, windows, grid
 
     @property

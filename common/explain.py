@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from fedct.common import json_text
 from fedct.common.augment import eval_transform
+from fedct.common.devices import resolve_device
 from fedct.common.dicom_io import CTFrame, UnusableFileError, read_ct_file
 from fedct.common.errors import ConfigError
 from fedct.common.gradcam import cam_maps, cam_stage_name
@@ -86,6 +87,8 @@ def explain(
     ``layer``: the ResNet stage the CAM is taken on (default: the model file's cam-layer).
     """
     model, fed = load_model(model_path)
+    device = resolve_device(fed.device)
+    model.to(device)
     stats = read_training_stats(model_path)
     classes = list(fed.class_names)
     positive = len(classes) - 1
@@ -107,7 +110,7 @@ def explain(
         hu = [to_model_grid(f.hu, f.pixel_spacing, grid) for _, f in chunk]
         images = torch.stack([transform(torch.from_numpy(h)[None]) for h in hu])
         with torch.no_grad():
-            probs = torch.softmax(model(images), 1).numpy()
+            probs = torch.softmax(model(images.to(device)), 1).cpu().numpy()
         cams = cam_maps(model, images, target_class=positive, method=method, layer=stage)
         for (rel, frame), h, p, cam in zip(chunk, hu, probs, cams, strict=True):
             name = _png_name(rel, frame.frame)

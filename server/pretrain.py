@@ -45,6 +45,7 @@ from tqdm import tqdm
 from fedct.common.augment import AUGMENTATIONS
 from fedct.common.config import FederationConfig
 from fedct.common.dataset import CTSlices, site_dataset, site_lesion_dataset
+from fedct.common.devices import resolve_device
 from fedct.common.errors import ConfigError
 from fedct.common.evaluation import evaluate
 from fedct.common.fileio import atomic_write
@@ -154,9 +155,10 @@ def pretrain(
         )
     train: ConcatDataset[tuple[torch.Tensor, int, torch.Tensor, bool]] = ConcatDataset(train_parts)
     torch.manual_seed(derive_seed(seed, "pretrain") % 2**31)
-    model = stock_resnet(fed)
+    device = resolve_device(fed.device)
+    model = stock_resnet(fed).to(device)
     lesion_slices = sum(part.known for part in train_parts) if lesion_weight > 0 else 0
-    lesions = _LesionHead(model, fed) if lesion_slices else None
+    lesions = _LesionHead(model, fed).to(device) if lesion_slices else None
     if lesions is None:
         log.info("pretraining without the lesion loss (no lesion masks, or its weight is 0)")
     params = list(model.parameters()) + (list(lesions.parameters()) if lesions else [])
@@ -178,7 +180,8 @@ def pretrain(
         model.train()
         losses = []
         bar = tqdm(loader, desc=f"pretraining epoch {epoch + 1}/{epochs}", disable=not progress)
-        for images, targets, masks, known in bar:
+        for batch in bar:
+            images, targets, masks, known = (t.to(device) for t in batch)
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(images), targets)
             if lesions is not None:
@@ -188,7 +191,7 @@ def pretrain(
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         schedule.step()
-        scores, positive = _held_out_scores(model, held_out)
+        scores, positive = _held_out_scores(model, held_out, device)
         auroc = binary_metrics(scores, positive).auroc if len(scores) else math.nan
         log.info(
             "pretraining epoch %d/%d: train loss %.3f, held-out AUROC %.3f",
@@ -238,11 +241,13 @@ class _LesionHead(nn.Module):
         """Cell-wise binary cross-entropy on the last forward pass's slices whose lesion place
         is known (a cell is a lesion cell if the mask touches it)."""
         if self._features is None or not bool(known.any()):
-            return torch.zeros(())
+            return torch.zeros((), device=masks.device)
         features = self._features[known]
         target = nn.functional.adaptive_max_pool2d(masks[known], features.shape[-2:])
         return nn.functional.binary_cross_entropy_with_logits(
-            self.cells(features), target, pos_weight=torch.tensor(LESION_CELL_WEIGHT)
+            self.cells(features),
+            target,
+            pos_weight=torch.tensor(LESION_CELL_WEIGHT, device=features.device),
         )
 
     def close(self) -> None:
@@ -250,9 +255,11 @@ class _LesionHead(nn.Module):
         self._features = None
 
 
-def _held_out_scores(model: nn.Module, held_out: list[CTSlices]) -> tuple[np.ndarray, np.ndarray]:
+def _held_out_scores(
+    model: nn.Module, held_out: list[CTSlices], device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """Positive-class scores of the held-out slices, and whether each is positive."""
-    results = [evaluate(model, data) for data in held_out if len(data)]
+    results = [evaluate(model, data, device=device) for data in held_out if len(data)]
     if not results:
         return np.zeros(0), np.zeros(0, dtype=bool)
     scores = np.concatenate([r.probabilities[:, -1] for r in results])
@@ -261,7 +268,7 @@ def _held_out_scores(model: nn.Module, held_out: list[CTSlices]) -> tuple[np.nda
 
 
 def _save(model: nn.Module, fed: FederationConfig, result: PretrainResult) -> None:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     about = {
         "architecture": fed.model,
         "classes": fed.classes,

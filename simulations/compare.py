@@ -33,6 +33,7 @@ from fedct.client.rounds import train_config
 from fedct.client.training import sample_rate, steps_per_epoch, train_local
 from fedct.common.config import FederationConfig
 from fedct.common.dataset import CTSlices, site_dataset
+from fedct.common.devices import resolve_device
 from fedct.common.evaluation import evaluate
 from fedct.common.metrics import DivergedModelError, binary_metrics
 from fedct.common.model_file import load_model
@@ -215,7 +216,10 @@ def _baseline(
         cfg.epochs,
         f", σ={sigma:.2f}" if sigma else "",
     )
-    train_local(model, data, cfg, noise_multiplier=sigma, seed=seed, description=label)
+    device = resolve_device(fed.device)
+    train_local(
+        model, data, cfg, noise_multiplier=sigma, seed=seed, description=label, device=device
+    )
     return _evaluate(label, dp, model, held_out)
 
 
@@ -226,7 +230,7 @@ def _evaluate(
     scores, truths, per_site = [], [], {}
     try:
         for name, data in held_out.sites.items():
-            result = evaluate(model, data)
+            result = evaluate(model, data, device=next(model.parameters()).device)
             positive = result.targets == result.probabilities.shape[1] - 1
             score = result.probabilities[:, -1]
             per_site[name] = binary_metrics(score, positive).auroc

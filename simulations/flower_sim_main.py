@@ -8,6 +8,16 @@ import os
 import sys
 
 
+def gpu_share(device: str, num_sites: int) -> float:
+    """Each simulated site's share of the GPUs (Ray's fractional ``num_gpus``): the visible
+    GPUs split evenly, at most one each; none for ``device = cpu`` or without a GPU."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return 0.0
+    return min(1.0, torch.cuda.device_count() / max(num_sites, 1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True, help="fused run config, as JSON")
@@ -19,7 +29,13 @@ def main() -> int:
     from fedct.simulations.flower_sim import run_flower_simulation
 
     configure_logging(0)
-    run_flower_simulation(json.loads(args.config), num_sites=args.sites, cpus=args.cpus)
+    config = json.loads(args.config)
+    run_flower_simulation(
+        config,
+        num_sites=args.sites,
+        cpus=args.cpus,
+        gpus_per_site=gpu_share(str(config.get("device", "auto")), args.sites),
+    )
     return 0
 
 

@@ -187,7 +187,7 @@ def run_federation(
     env = flower_environment(RAY_DEDUP_LOGS="0")
     done_before = len(read_metrics(paths.metrics))
     with paths.log.open("a") as log_file, sigterm_raises():
-        child = start(args, log=log_file, env=env, cwd=Path(__file__).resolve().parent.parent)
+        child = start(args, log=log_file, env=env, cwd=paths.out)
         try:
             follow_rounds(
                 paths.metrics, rounds, console, lambda: child.poll() is not None, done_before
