@@ -179,7 +179,10 @@ def pretrain(
             part.set_epoch(epoch)
         model.train()
         losses = []
-        bar = tqdm(loader, desc=f"pretraining epoch {epoch + 1}/{epochs}", disable=not progress)
+        # disable=None: no bar when stderr is not a terminal (a log file keeps one line an epoch)
+        bar = tqdm(
+            loader, desc=f"pretraining epoch {epoch + 1}/{epochs}", disable=not progress or None
+        )
         for batch in bar:
             images, targets, masks, known = (t.to(device) for t in batch)
             optimizer.zero_grad(set_to_none=True)

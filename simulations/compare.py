@@ -230,7 +230,7 @@ def _evaluate(
     scores, truths, per_site = [], [], {}
     try:
         for name, data in held_out.sites.items():
-            result = evaluate(model, data, device=next(model.parameters()).device)
+            result = evaluate(model, data, device=_device_of(model))
             positive = result.targets == result.probabilities.shape[1] - 1
             score = result.probabilities[:, -1]
             per_site[name] = binary_metrics(score, positive).auroc
@@ -241,3 +241,8 @@ def _evaluate(
         log.warning("%s: %s; its row is left empty", label, err)
         return Row(label, dp, {name: math.nan for name in held_out.sites}, math.nan), None
     return Row(label, dp, per_site, pooled), np.concatenate(scores)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` lives (the CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -12,7 +12,7 @@ from fedct.common.config import FederationConfig
 from fedct.common.model_file import save_model
 from fedct.common.models import build_model
 from fedct.common.weights import model_weights
-from fedct.simulations.cam_study import main
+from fedct.simulations.benchmarks.cam_study import main
 
 
 def test_cam_study_reports_every_stage_and_the_occlusion_check(

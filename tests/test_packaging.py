@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,6 +17,24 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools builds in the tree (build/), and a stale build/ in the
+    # checkout could smuggle deleted modules into a later wheel
+    source = Path(
+        shutil.copytree(
+            ROOT,
+            tmp_path_factory.mktemp("source") / "fedct",
+            ignore=shutil.ignore_patterns(
+                ".git",
+                ".venv",
+                "build",
+                "*.egg-info",
+                "fedct-output",
+                ".fedct-cache",
+                "__pycache__",
+                ".*_cache",
+            ),
+        )
+    )
     subprocess.run(
         [
             sys.executable,
@@ -27,7 +46,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--no-build-isolation",
             "--wheel-dir",
             str(out),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         timeout=300,

@@ -1,7 +1,8 @@
 """Grad-CAM study on a simulation's output: where the CAM points on each ResNet stage, and
 whether the model needs the lesion at all.
 
-    python -m fedct.simulations.cam_study OUT [--split train,val] [--method gradcam] [--json F]
+    python -m fedct.simulations.benchmarks.cam_study OUT [--split train,val] \\
+        [--method gradcam] [--json F]
 
 OUT is a ``fedct simulate`` output folder (its ``data/`` sites with lesion masks and its
 ``federation/final_model.safetensors``). For every positive slice with a mask it reports, per

@@ -7,7 +7,7 @@ Memory is measured apart, each kind of step in a fresh process: its peak residen
 during the steps, above the non-private step's, against batch x trainable-parameter bytes
 (what materialising every per-sample gradient costs).
 
-    python -m fedct.simulations.bench_dp [--sizes 96 224] [--norm group folded]
+    python -m fedct.simulations.benchmarks.bench_dp [--sizes 96 224] [--norm group folded]
         [--freeze none last1 head] [--batch 32] [--steps 4] [--json FILE]
 
 ``group`` is FedCT's model trained from scratch (GroupNorm + weight standardization, the

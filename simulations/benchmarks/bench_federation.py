@@ -14,7 +14,8 @@
    The replies share one payload so that 1000 of them fit in memory: the aggregation still
    decodes, validates and sums each one as if it were distinct.
 
-    python -m fedct.simulations.bench_federation [--part deployment|aggregation|all] [--json F]
+    python -m fedct.simulations.benchmarks.bench_federation \\
+        [--part deployment|aggregation|all] [--json F]
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ hospitals (different patients, e.g. another synthetic seed). ``--norm batch`` is
 stock ResNet-18 (BatchNorm, not usable under DP); ``--norm group`` is FedCT's DP-compatible
 one (GroupNorm + weight standardization), ``group-no-ws`` the same without standardization.
 
-    python -m fedct.simulations.bench_learnability --data synth/ --test synth-test/ [--norm batch]
+    python -m fedct.simulations.benchmarks.bench_learnability --data synth/ \\
+        --test synth-test/ [--norm batch]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ frame cache, on the same files in one run. Rounds alternate a, b, c so machine n
 three alike; the median round is reported. FedCT's preprocessing is timed as it runs (one worker
 process per CPU once a site has enough files to repay starting them) and in one process.
 
-    python -m fedct.simulations.bench_ingest [--data SITE] [--image-size 96] [--rounds 5]
+    python -m fedct.simulations.benchmarks.bench_ingest [--data SITE] [--image-size 96] [--rounds 5]
         [--patients 8] [--slices N] [--json F]
 
 Without ``--data`` it writes one synthetic site per transfer syntax (uncompressed 512x512,
