@@ -10,12 +10,16 @@ arrives as the SuperNode's node config and never from the server.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import pydantic
 
 from fedct.common.augment import AUGMENTATIONS, AugmentConfig
 from fedct.common.devices import check_device
@@ -258,28 +262,24 @@ def _from_mapping(cls: Any, values: Mapping[str, Any], what: str) -> Any:
     )
     if missing:
         raise ConfigError(f"{what} lacks required key(s) {missing}")
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        field = known[key]
-        kwargs[field.name] = _coerce(key, value, field.type)
+    types = typing.get_type_hints(cls)
+    kwargs = {
+        known[key].name: _coerce(key, value, types[known[key].name])
+        for key, value in values.items()
+    }
     return cls(**kwargs)
 
 
-def _coerce(key: str, value: Any, kind: Any) -> Any:
-    kind = str(kind)
+@functools.cache
+def _adapter(kind: type) -> pydantic.TypeAdapter[Any]:
+    # pydantic's lax mode: "3" -> 3, "false"/"no"/"0" -> False, 3.0 -> 3 (not 3.5), numbers -> str
+    return pydantic.TypeAdapter(kind, config=pydantic.ConfigDict(coerce_numbers_to_str=True))
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """``value`` as the field's type (settings arrive as TOML values or command-line strings)."""
     try:
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} = {value!r} is not a valid {kind}") from None
+        return _adapter(kind).validate_python(value)
+    except pydantic.ValidationError as err:
+        reason = err.errors()[0]["msg"]
+        raise ConfigError(f"{key} = {value!r} is not a valid {kind.__name__} ({reason})") from None

@@ -3,12 +3,13 @@ FedCT's entry points, without importing Flower, and the flat TOML files they rea
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from fedct.common.errors import FedCTError
 
@@ -33,16 +34,8 @@ def flower_environment(**extra: str) -> dict[str, str]:
     return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PATH": path, **extra}
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
-
-
 def write_toml(path: Path, values: dict[str, Any]) -> Path:
     """A flat TOML file of ``values`` (Flower takes run and node configs as such files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in values.items()))
+    path.write_text(tomli_w.dumps(values))
     return path

@@ -48,6 +48,12 @@ def test_run_config_overrides_and_errors() -> None:
         FederationConfig.from_mapping({"num-rounds": 3})
     with pytest.raises(ConfigError, match="not a valid int"):
         FederationConfig.from_mapping({"num-server-rounds": "many"})
+    with pytest.raises(ConfigError, match=r"local-epochs = 1\.5 is not a valid int"):
+        FederationConfig.from_mapping({"local-epochs": 1.5})
+    with pytest.raises(ConfigError, match="not a valid bool"):
+        FederationConfig.from_mapping({"dp": "maybe"})
+    typed = FederationConfig.from_mapping({"dp": "no", "epsilon": "4", "output-dir": 2026})
+    assert (typed.dp, typed.epsilon, typed.output_dir) == (False, 4.0, "2026")
     with pytest.raises(ConfigError, match="fedavg"):
         FederationConfig.from_mapping({"strategy": "fedsgd"})
 
