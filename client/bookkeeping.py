@@ -1,9 +1,9 @@
 """Per-sample clipping for DP-SGD in one backward pass ("book-keeping", Bu et al., ICML 2023).
 
 DP-SGD clips every sample's gradient before summing. Opacus' default (hooks mode) materialises
-every per-sample gradient - batch x 11M floats for a ResNet-18, 4.5-9x a plain step here. Its
-ghost mode avoids that for Linear layers only and pays a second backward pass. Book-keeping
-needs neither:
+every per-sample gradient - batch x 11M floats for a ResNet-18, several times a plain step's
+cost (measured in docs/benchmarks.md, DP-SGD cost). Its ghost mode avoids that for Linear
+layers only and pays a second backward pass. Book-keeping needs neither:
 
 1. one backward pass computes only the *activation* gradients (no weight gradients); Opacus'
    hooks (``GradSampleModuleFastGradientClipping``) hand each layer its input and output
@@ -19,7 +19,7 @@ Noise, accounting, Poisson sampling and virtual batches stay Opacus'
 (``DPOptimizerFastGradientClipping``, ``DPDataLoader``, ``BatchMemoryManager``). The update is
 exactly Opacus' clipped update (tests/test_bookkeeping.py). Written by hand because no
 maintained library does it for Opacus 1.6 (the paper's fastDP is not on PyPI), and it is what
-brings a DP step of a ResNet trained from scratch near a plain one (README, DP-SGD cost).
+brings a DP step of a ResNet trained from scratch near a plain one (docs/benchmarks.md).
 Supports the layers of FedCT's models: Conv2d (ungrouped), weight-standardized Conv2d,
 GroupNorm and Linear; anything else is refused up front.
 """

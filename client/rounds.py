@@ -13,6 +13,9 @@ round, describe hundreds of thousands of pixels at once, and are not covered by 
 accounting. Evaluation flags (0/1 only) held-out data whose quantiles lie outside the
 federation's (``intensity-outside``) and scores saturated at one extreme whatever the truth
 (``scores-saturated``); the shift itself is logged at the site only.
+
+It is this long because it holds a site's whole round, training and every aggregate evaluation
+reports, so what leaves a hospital can be read in one file.
 """
 
 from __future__ import annotations

@@ -143,8 +143,9 @@ def _decode(ds: Dataset) -> np.ndarray:
     try:
         view_only = header_value(ds, "BitsStored") == header_value(ds, "BitsAllocated")
         if syntax:
-            # pydicom's decoder API directly: Dataset.pixel_array adds ~0.08 ms a file
-            # (pydicom 3.0 annotates each keyword option as a whole DecodeOptions dict)
+            # pydicom's decoder API directly: Dataset.pixel_array adds a per-file overhead
+            # (pydicom 3.0 annotates each keyword option as a whole DecodeOptions dict;
+            # measured in docs/benchmarks.md, Ingestion)
             return get_decoder(syntax).as_array(ds, view_only=view_only)[0]
         ds.pixel_array_options(view_only=view_only)
         return ds.pixel_array
@@ -197,7 +198,8 @@ def _frame(
     padding: tuple[float, float] | None,
 ) -> CTFrame:
     # pydicom.pixels.apply_modality_lut covers only the top-level rescale in float64; Enhanced
-    # CT keeps it per frame in functional groups, and float32 is ample for HU and twice as fast.
+    # CT keeps it per frame in functional groups, and float32 is ample for HU and faster
+    # (measured in docs/benchmarks.md, Ingestion).
     slope = float(_lookup(ds, groups, "PixelValueTransformationSequence", "RescaleSlope") or 1.0)
     intercept = float(
         _lookup(ds, groups, "PixelValueTransformationSequence", "RescaleIntercept") or 0.0
@@ -214,7 +216,7 @@ def _frame(
         hu_max = float(sample.max()) if sample.size else HU_AIR
         hu[~valid] = HU_AIR
     else:
-        # cv2's single pass is ~4x faster than numpy's min() then max() on a 512x512 frame
+        # one cv2 pass instead of numpy's min() then max(): faster (docs/benchmarks.md)
         hu_min, hu_max, _, _ = cv2.minMaxLoc(hu) if hu.size else (HU_AIR, HU_AIR, None, None)
     if hu_min < HU_AIR or hu_max > HU_MAX:
         np.clip(hu, HU_AIR, HU_MAX, out=hu)

@@ -1,13 +1,14 @@
 """Header values of a just-read DICOM dataset, parsed straight from the file's bytes where exact.
 
 pydicom converts an element on its first access (value validation, character-set decoding,
-``DSfloat``/``IS``/``UID`` objects), about 12 us each. FedCT reads some twenty per file, which
-was a sixth of its per-file cost on uncompressed CT, more than taking the pixels. The values it
-reads are numbers (DS, IS), UIDs (UI) and short codes or names (CS, LO, SH); when their bytes are
-plain printable ASCII (every character set DICOM allows agrees on those bytes) they are parsed
-here into what pydicom would give: ``float``/``int`` (a list of them for several values), or
-the stripped string. Anything else (another VR, an already converted element, non-ASCII or
-escape bytes, a value that does not parse) is left to pydicom, so the result never differs.
+``DSfloat``/``IS``/``UID`` objects). FedCT reads some twenty per file, which made that
+conversion a large share of its per-file cost on uncompressed CT (measured in
+docs/benchmarks.md, Ingestion). The values it reads are numbers (DS, IS), UIDs (UI) and short
+codes or names (CS, LO, SH); when their bytes are plain printable ASCII (every character set
+DICOM allows agrees on those bytes) they are parsed here into what pydicom would give:
+``float``/``int`` (a list of them for several values), or the stripped string. Anything else
+(another VR, an already converted element, non-ASCII or escape bytes, a value that does not
+parse) is left to pydicom, so the result never differs.
 """
 
 from __future__ import annotations

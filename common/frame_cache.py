@@ -5,6 +5,9 @@ frame). A file's entry is reused while its size and modification time are unchan
 change its content digest decides (as git's index does), so a touched-but-identical file is not
 decoded again and an edited one always is. Different grid settings live in different folders.
 Windowing happens after the cache, so changing windows never rebuilds it.
+
+It is this long because the parallel decoding that fills the cache is here too: it produces the
+cache's entries and rows, so the two stay in one module.
 """
 
 from __future__ import annotations
@@ -150,9 +153,10 @@ def decode_site(
     return DecodedSite(entries, images, len(todo))
 
 
-# A spawned helper process costs about 0.4 s of CPU before its first file (it imports pydicom,
-# OpenCV and the decoders). Files are decoded here first; helpers are started only when the rest
-# is measured to take clearly longer than that, and this process keeps decoding while they start.
+# A spawned helper process spends CPU time before its first file (it imports pydicom, OpenCV
+# and the decoders; measured in docs/benchmarks.md, Ingestion; WORKER_START_S allows for it).
+# Files are decoded here first; helpers are started only when the rest is measured to take
+# clearly longer than that, and this process keeps decoding while they start.
 PROBE_FILES = 16
 WORKER_START_S = 0.6
 CHUNK_FILES = 8
@@ -265,9 +269,9 @@ def _keep_freed_memory() -> None:
 
     Every file allocates a few 0.5-1 MB buffers (its bytes, its HU frame). With glibc's default
     thresholds each one is a fresh ``mmap`` (or a heap that was just trimmed), so a fresh
-    process pays page faults on every file and decodes at about half its settled speed, which
-    made two workers slower than one on uncompressed files. Raising the mmap and trim thresholds
-    (what ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` do) keeps the buffers in the heap.
+    process pays page faults on every file and decodes well below its settled speed (measured
+    in docs/benchmarks.md, Ingestion). Raising the mmap and trim thresholds (what
+    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` do) keeps the buffers in the heap.
     A worker lives only while a site is decoded, so the memory it keeps is returned at its exit.
     No-op where libc is not glibc.
     """

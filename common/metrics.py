@@ -81,8 +81,9 @@ def binary_metrics(
     scores: np.ndarray, positive: np.ndarray, *, threshold: float = 0.5
 ) -> BinaryMetrics:
     """Metrics of positive-class ``scores`` against boolean ``positive`` labels."""
-    # imported here: scikit-learn takes ~1 s to import, which the server (histograms only) and
-    # every training message's fresh ClientApp process would otherwise pay for nothing
+    # imported here: scikit-learn is slow to import (docs/benchmarks.md, Federation), which the
+    # server (histograms only) and every training message's fresh ClientApp process would
+    # otherwise pay for nothing
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
     scores = np.asarray(scores, dtype=np.float64)

@@ -18,6 +18,9 @@ ResNet (the ``norm`` setting):
   function changes (per-sample instead of dataset statistics), so the features must re-adapt.
 
 A one-channel input sums the pretrained RGB filters.
+
+It is this long because it is the one factory: blocks, normalisations, pretrained loading and
+folding, freezing and stage lookup stay in one file, so server and sites build the same model.
 """
 
 from __future__ import annotations

@@ -188,8 +188,9 @@ def to_model_grid(
     out_rows = max(1, round(rows * row_mm * px_per_mm))
     out_cols = max(1, round(cols * col_mm * px_per_mm))
     if (out_rows, out_cols) != (rows, cols):
-        # cv2's INTER_AREA is the standard anti-aliased downsampler and ~10x faster than
-        # torch's antialiased interpolate on the CPU; upsampling uses bilinear.
+        # cv2's INTER_AREA is the standard anti-aliased downsampler and much faster than
+        # torch's antialiased interpolate on the CPU (docs/benchmarks.md, Ingestion);
+        # upsampling uses bilinear.
         image = hu.astype(np.float32, copy=False)
         method = interpolation
         if interpolation == cv2.INTER_AREA and (out_rows > rows or out_cols > cols):
@@ -206,10 +207,10 @@ def _integer_area_reduce(image: np.ndarray, out_rows: int, out_cols: int) -> np.
     """Shrink ``image`` by the largest power-of-two factor that divides its size and stays at or
     above ``(out_rows, out_cols)``, by block averaging.
 
-    cv2's INTER_AREA averages whole blocks ~4-10x faster than it resamples by a fractional factor
-    (512 -> 128 px takes a quarter of the time of 512 -> 96), so the fractional remainder is
-    left to a second INTER_AREA on the smaller image. Both stages are box filters, so the result
-    stays anti-aliased. Even blocks cancel the finest (one-pixel) pattern exactly; an odd block
+    cv2's INTER_AREA averages whole blocks much faster than it resamples by a fractional factor
+    (measured in docs/benchmarks.md, Ingestion), so the fractional remainder is left to a second
+    INTER_AREA on the smaller image. Both stages are box filters, so the result stays
+    anti-aliased. Even blocks cancel the finest (one-pixel) pattern exactly; an odd block
     would leave a ripple of 1/factor of it, more than one fractional pass leaves.
     """
     rows, cols = image.shape

@@ -44,8 +44,8 @@ BODY_FLOOR_HU = -950.0
 # minus the model's exceeds this. The median ignores one or two quantiles moved by anatomy (a
 # series of apical slices has more lung, one low in the chest more soft tissue) but not a
 # calibration fault, which moves all of them: a missed RescaleIntercept moves every value by
-# 1024 HU, and a series shifted by +500 HU reads +370 to +410 here (air enters the body range).
-# Series of three synthetic scanners against their federation's record: -35 to +30 HU.
+# 1024 HU. The limit sits well above what other scanners' series read and well below what a
+# shifted series reads (measured in docs/evaluation.md, Training statistics in model files).
 SHIFT_LIMIT_HU = 150.0
 # Scores below SATURATED or above 1 - SATURATED are saturated: a softmax that far out says more
 # about the size of the logits than about the patient. A set of scores is saturated when at
@@ -134,8 +134,8 @@ def combine_hu_quantiles(
 ) -> tuple[float, ...] | None:
     """The mean of sites' quantiles, each ``(quantiles, training slices)``, weighted by slices.
 
-    An approximation of the quantiles of all sites' pixels together, which needs every pixel:
-    on three synthetic scanners it was within 12 HU of them."""
+    An approximation of the quantiles of all sites' pixels together, which needs every pixel;
+    its error is measured in docs/evaluation.md."""
     usable = [
         (q, w) for q, w in parts if len(q) == len(HU_PERCENT) and np.isfinite(q).all() and w > 0
     ]

@@ -1,16 +1,16 @@
 """Has the federation's model collapsed? Plain functions over a round's record (no Flower).
 
-A collapsed model no longer tells patients apart, and its scores look like certainty: the demo's
-final model once gave p(nodule) = 1.000 to every slice of two foreign patients. A round's model
-is named collapsed when any of these signs shows (:func:`detect_collapse`):
+A collapsed model no longer tells patients apart, and its scores look like certainty (an example
+in docs/evaluation.md, Collapse detection). A round's model is named collapsed when any of these
+signs shows (:func:`detect_collapse`):
 
 - ``saturated``: at least 90 % of the held-out negatives *and* of the positives score beyond the
   same extreme (above 0.99, or below 0.01) in the pooled slice histogram: the model says the same
   whatever the patient (common/training_stats.py);
 - ``tied``: the pooled slice scores are tied in one bin (server/evaluation.py) after an earlier
   round's were clearly spread (tie share below RANKED_TIE_SHARE). A fresh network's scores are
-  near-constant too (tie share 0.50-0.54 at initialisation on the synthetic hospitals, around
-  the tie limit of 0.5), so ties before the model ever ranked mean "not learnt yet", not
+  near-constant too (their tie share sits around the limit at initialisation; measured in
+  docs/evaluation.md), so ties before the model ever ranked mean "not learnt yet", not
   "collapsed";
 - ``held-out-loss``: the pooled held-out cross-entropy exceeds 10 x chance, ln(classes) (the
   loss of a model that gives every class the same probability): at 10 x ln 2 = 6.9 the true

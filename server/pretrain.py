@@ -5,19 +5,19 @@ holds: the noise that protects its patients is far larger than the gradient sign
 remedy (and the classic transfer-learning recipe) is a backbone trained without privacy on data
 that needs none, e.g. ImageNet or a public annotated CT collection such as LIDC-IDRI, then DP
 fine-tuning of a few layers at the hospitals. This module trains that backbone: torchvision's
-stock BatchNorm ResNet (it learns small CT data much better than GroupNorm does; see the README's
-learnability table) on one or more public folders in FedCT's hospital layout, and writes a
-torchvision-format state dict that the ``pretrained`` setting reads. With ``norm = "folded"``
-the federation's DP model computes exactly this network (each BatchNorm folded into its
-convolution).
+stock BatchNorm ResNet (it learns small CT data much better than GroupNorm does; see the
+learnability study in docs/known-limits.md) on one or more public folders in FedCT's hospital
+layout, and writes a torchvision-format state dict that the ``pretrained`` setting reads. With
+``norm = "folded"`` the federation's DP model computes exactly this network (each BatchNorm
+folded into its convolution).
 
 Where the public folders outline their lesions (``SITE/masks/``, as LIDC-IDRI's nodule
 contours do), pretraining also learns *where* the lesion is: a 1x1 convolution on the stage
 Grad-CAM reads (``cam-layer``) predicts, cell by cell, whether the lesion covers it, and its loss
 is added to the classification loss (multi-task training, as in attention-supervised CNNs). The
 head is dropped afterwards; what stays is a backbone whose features at that stage mark the
-lesion's place. Without it, what a backbone keeps of the lesion's place varied by draw (Grad-CAM
-pointing 0.29 vs 0.99 with it, on the same public set and seed; README, Known limits).
+lesion's place. Without it, what a backbone keeps of the lesion's place varied by draw
+(docs/known-limits.md, Grad-CAM localisation).
 
 The weights file also records what the backbone was trained on (common/training_stats.py):
 HU quantiles of all public training pixels inside the body, and the final held-out scores.
@@ -59,16 +59,12 @@ from fedct.common.training_stats import STATS_KEY, TrainingStats, hu_quantiles, 
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "fedct-pretraining"
-# Horizontal flips only. Measured on the synthetic hospitals (64 px, 8 epochs, trained on one
-# set of hospitals, AUROC on another): flips alone 0.68, FedCT's full training augmentation
-# (affine, noise, window jitter) 0.61-0.64 -- a few hundred slices and a few epochs cannot
-# afford to learn the invariances the full pipeline asks for.
+# Horizontal flips only: a few hundred slices and a few epochs cannot afford to learn the
+# invariances the full augmentation asks for (measured in docs/models.md).
 PRETRAIN_AUGMENTATION = AUGMENTATIONS["flips"]
 # The lesion loss: its weight beside the classification loss, and the weight of a lesion cell
 # against a lesion-free one (a 4-30 mm nodule covers 1-4 of a slice's 144 cells at 96 px, and
-# most slices have none). Measured on the demo's public set (seed 1): weight 1 with 20 gave
-# Grad-CAM pointing 0.99 on the hospitals' true positives, public held-out AUROC 0.90 (0.89
-# without the loss).
+# most slices have none); the values measured in docs/models.md.
 LESION_WEIGHT = 1.0
 LESION_CELL_WEIGHT = 20.0
 

@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="weight of the lesion loss, learnt where the folders have lesion masks "
-        "(SITE/masks/); 0 turns it off (default: 1.0, the measured weight)",
+        "(SITE/masks/); 0 turns it off (default: 1.0, measured in docs/models.md)",
     )
     parser.add_argument(
         "--set",

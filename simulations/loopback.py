@@ -24,8 +24,16 @@ def free_port() -> int:
 
 
 class LoopbackFederation:
-    def __init__(self, root: Path, data: dict[str, Path], *, retry_wait_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        data: dict[str, Path],
+        *,
+        retry_wait_s: float = 2.0,
+        python: str = sys.executable,
+    ) -> None:
         self.root = root
+        self.python = python  # whose FedCT runs: e.g. a wheel installed in another environment
         self.data = data
         self.certs = root / "certs"
         self.state = root / "server"
@@ -39,7 +47,7 @@ class LoopbackFederation:
     def _fedct(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = (self.root / f"{log_name}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        child = start([sys.executable, "-m", "fedct.common.cli", *args], log=log, env=env)
+        child = start([self.python, "-m", "fedct.common.cli", *args], log=log, env=env)
         log.close()  # the child has its own descriptor
         self.children.append(child)
         return child

@@ -7,6 +7,9 @@ ground-glass, 4-30 mm) whose cross-section is averaged over the slice thickness,
 smaller than a slice fades in and out as it would on a real scanner. On a single slice a small
 nodule looks much like a vessel seen end-on: that, the noise and the blur are what keep the
 task from being trivial.
+
+It is this long because it is one anatomy model: kept in one file so its CT numbers, shapes and
+drawing helpers stay together.
 """
 
 from __future__ import annotations

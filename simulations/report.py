@@ -7,6 +7,9 @@ score histograms) with a table per level, and a Grad-CAM
 gallery of true and false positives with the lesion outline where known. In a simulation all
 sites' data are on this machine, so the gallery is drawn here; in a real federation overlays stay
 on each site's disk (``fedct explain``).
+
+It is this long because it builds the whole page: each section is a short function here, so the
+page's order and its HTML stay in one place.
 """
 
 from __future__ import annotations

@@ -64,21 +64,20 @@ class SimulationPaths:
 
 # The public data set stands in for a public annotated CT collection (LIDC-IDRI in practice):
 # other patients, drawn with another seed, never any participating hospital's. Twice the
-# hospitals' number of patients: with as many as one federation holds (544 training slices) the
-# pretrained network memorised them and its quality was a matter of the draw (the demo's pooled
-# AUROC 0.58 / 0.78 / 0.84 for seeds 0 / 1 / 2); with twice as many it was 0.96 / 0.88 / 0.91,
-# for ~90 s more (half the epochs: 0.95 / 0.83 / 0.84), and 0.98 / 0.90 / 0.92 once pretraining
-# also learnt the public nodules' outlines. README, Known limits.
+# hospitals' number of patients: with as many as one federation holds, the pretrained network
+# memorised them and its quality was a matter of the draw; twice as many made it stable across
+# seeds for a little more pretraining time (measured in docs/known-limits.md, The demo).
 PUBLIC_SEED_OFFSET = 1000
 PUBLIC_SCALE = 2.0
 # DP fine-tuning of a pretrained model: only the classifier head (1,026 parameters for
 # ResNet-18) takes noisy steps, and small ones: every per-sample gradient is clipped, so each
 # step moves the logits by about learning-rate x clipping bound x feature norm (tens for a
-# folded ResNet), whatever the loss. Larger steps drive all scores to the majority class.
+# folded ResNet), whatever the loss. Larger steps drive all scores to the majority class
+# (docs/models.md, Why head-only fine-tuning takes small steps).
 # Augmented like the public pretraining (flips only): the full set's noise, window jitter and
 # affine moves give the flips-pretrained network inputs it scores with huge confident logits
-# (training loss 6-11 while the held-out loss was 0.07-0.39), so the head was fitted to slices
-# unlike any it is evaluated on.
+# (training loss far above the held-out loss; measured in docs/known-limits.md, The demo), so
+# the head was fitted to slices unlike any it is evaluated on.
 PRETRAINED_FINE_TUNING = {
     "freeze": "head",
     "optimizer": "sgd",

@@ -1,15 +1,23 @@
-"""FedCT as an installed wheel: one ``fedct`` namespace, and it runs outside any source tree."""
+"""FedCT as an installed wheel: one ``fedct`` namespace, installed with pip into a fresh
+environment, run from a folder outside the source tree (the synthetic data, a tiny simulation,
+and a loopback deployment of `fedct certs`, `fedct server` and two `fedct client`s)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from fedct.simulations.loopback import LoopbackFederation
+from tests.conftest import write_tiny_site
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,21 +27,19 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     # built from a copy: setuptools builds in the tree (build/), and a stale build/ in the
     # checkout could smuggle deleted modules into a later wheel
-    source = Path(
-        shutil.copytree(
-            ROOT,
-            tmp_path_factory.mktemp("source") / "fedct",
-            ignore=shutil.ignore_patterns(
-                ".git",
-                ".venv",
-                "build",
-                "*.egg-info",
-                "fedct-output",
-                ".fedct-cache",
-                "__pycache__",
-                ".*_cache",
-            ),
-        )
+    source = shutil.copytree(
+        ROOT,
+        tmp_path_factory.mktemp("source") / "fedct",
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "*.egg-info",
+            "fedct-output",
+            ".fedct-cache",
+            "__pycache__",
+            ".*_cache",
+        ),
     )
     subprocess.run(
         [
@@ -55,56 +61,118 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return found
 
 
-@pytest.mark.slow
-def test_the_wheel_installs_one_fedct_namespace(wheel: Path) -> None:
-    names = zipfile.ZipFile(wheel).namelist()
-    tops = {n.split("/")[0] for n in names}
-    assert tops == {"fedct", next(t for t in tops if t.endswith(".dist-info"))}, tops
-    for package in ("common", "client", "server", "simulations", "simulations/worlds"):
-        assert f"fedct/{package}/__init__.py" in names
-    assert not any(n.startswith("fedct/tests") or n.endswith("pyproject.toml") for n in names)
-
-
-@pytest.mark.slow
-def test_the_installed_wheel_runs_outside_the_source_tree(wheel: Path, tmp_path: Path) -> None:
-    env_dir = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
-    python = env_dir / "bin" / "python"
-    site = Path(
-        subprocess.run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtual environment with the wheel installed by pip (dependencies resolved as a
+    hospital's IT would: from the package index or its cache); returns its bin folder."""
+    env_dir = tmp_path_factory.mktemp("venv") / "fedct"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=300)
+    subprocess.run(
+        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel)],
+        check=True,
+        timeout=1200,
     )
-    with zipfile.ZipFile(wheel) as whl:
-        whl.extractall(site)  # what pip does with a pure-Python wheel, without fetching deps
-    # FedCT's dependencies from this environment; a path named in a .pth file is not itself a
-    # site directory, so the editable install of the source tree there stays out of sight
-    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    return env_dir / "bin"
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path) -> Path:
     work = tmp_path / "elsewhere"
     work.mkdir()
     (work / "common").mkdir()  # a folder named like a FedCT package must not shadow it
-    run = [str(python), "-c", "import sys; from fedct.common.cli import main; sys.exit(main())"]
-    version = subprocess.run(
-        [*run, "--version"], cwd=work, check=True, capture_output=True, text=True
+    (work / "server").mkdir()
+    return work
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 600) -> str:
+    # PATH without this test's environment: the installed FedCT finds Flower beside itself
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, f"{cmd}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_the_wheel_holds_one_fedct_namespace(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    dist_info = {t for t in tops if t.endswith(".dist-info")}
+    assert tops - dist_info == {"fedct"}, tops
+    for package in ("common", "client", "server", "simulations", "simulations/worlds"):
+        assert f"fedct/{package}/__init__.py" in names
+    assert not any(n.endswith("pyproject.toml") or "/tests/" in n for n in names)
+
+
+def test_the_installed_wheel_synthesizes_and_simulates_outside_the_source(
+    installed: Path, elsewhere: Path
+) -> None:
+    fedct = str(installed / "fedct")
+    assert _run([fedct, "--version"], elsewhere).startswith("fedct ")
+    where = _run(
+        [str(installed / "python"), "-c", "import fedct.common.config as c; print(c.__file__)"],
+        elsewhere,
     )
-    assert version.stdout.startswith("fedct ")
-    where = subprocess.run(
-        [str(python), "-c", "import fedct.common.config as c; print(c.__file__)"],
-        cwd=work,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert where.startswith(str(site)), where
-    synth = subprocess.run(
-        [*run, "data", "synth", "--world", "ward", "--out", "sites", "--scale", "0.1"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    assert where.startswith(str(installed.parent)), where
+    site_packages = Path(where).parents[2]
+    assert not {"common", "client", "server", "simulations"} & {
+        p.name for p in site_packages.iterdir()
+    }
+    _run([fedct, "data", "synth", "--out", "sites", "--scale", "0.3", "--seed", "3"], elsewhere)
+    _run(
+        [
+            fedct,
+            "simulate",
+            "--data",
+            "sites",
+            "--out",
+            "sim",
+            "--rounds",
+            "1",
+            "--image-size",
+            "32",
+        ],
+        elsewhere,
     )
-    assert synth.returncode == 0, synth.stderr[-2000:]
-    assert sorted(p.name for p in (work / "sites").iterdir())
+    assert (elsewhere / "sim" / "summary.json").is_file()
+    assert (elsewhere / "sim" / "report.html").is_file()
+
+
+@pytest.fixture
+def wheel_federation(installed: Path, elsewhere: Path) -> Iterator[LoopbackFederation]:
+    data = {
+        name: write_tiny_site(elsewhere / "data" / name, index=i, seed=i, matrix=48)
+        for i, name in enumerate(("alpha", "beta"))
+    }
+    fed = LoopbackFederation(elsewhere / "deploy", data, python=str(installed / "python"))
+    try:
+        yield fed
+    finally:
+        fed.stop()
+
+
+def test_the_installed_wheel_runs_a_loopback_federation(
+    installed: Path, elsewhere: Path, wheel_federation: LoopbackFederation
+) -> None:
+    _run([str(installed / "fedct"), "certs", "--out", "certs", "--hospital", "alpha"], elsewhere)
+    assert (elsewhere / "certs" / "ca.crt").is_file()
+    server = wheel_federation.server(
+        "--rounds",
+        "1",
+        "--set",
+        "image-size=32",
+        "--set",
+        "min-eval-cases=1",
+        "--set",
+        "batch-size=8",
+    )
+    for name in wheel_federation.data:
+        wheel_federation.client(name)
+    try:
+        code = server.wait(timeout=500)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"timed out\n{wheel_federation.logs()}")
+    assert code == 0, wheel_federation.logs()
+    (record,) = wheel_federation.metrics()
+    assert set(record["train"]) == {"alpha", "beta"}
+    app = wheel_federation.state / "app"
+    assert [p.name for p in app.iterdir()] == ["pyproject.toml"]  # the bundle carried no code

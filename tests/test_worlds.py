@@ -263,7 +263,8 @@ def test_worlds_share_no_code_with_fedct_generator() -> None:
         bad = [m for m in imported if m.startswith(forbidden) or m in ("phantom", "synth")]
         assert not bad, f"{path.name} imports {bad}"
         if path.stem in ("meadow", "ward", "harbor"):  # nor with each other, beyond dicom_out
-            ours = {m for m in imported if m.startswith("simulations")}
+            ours = {m for m in imported if m.startswith("fedct.simulations")}
+            assert ours, f"{path.name} uses nothing of dicom_out?"
             assert all(m.startswith("fedct.simulations.worlds.dicom_out") for m in ours), ours
 
 

@@ -2,7 +2,9 @@
 
 This is the one module the worlds share. It knows nothing about anatomy: a world hands it HU
 images, identities and geometry, and says how its scanner stores pixel values (signed or not,
-rescale slope and intercept, bits stored, transfer syntax).
+rescale slope and intercept, bits stored, transfer syntax). It is this long because the worlds
+may share nothing else (docs/worlds.md), so all they have in common, DICOM writing, masks, labels
+and the record of what was written, is in this one module.
 """
 
 from __future__ import annotations

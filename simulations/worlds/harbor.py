@@ -16,6 +16,9 @@ unsigned with intercept -1024; unsigned with slope 0.5.
 
 A slice is labelled ``nodule`` when its central plane cuts a nodule through its middle part (a
 cross-section at least 75 % of the nodule's diameter and 3 mm); thinner caps stay ``normal``.
+
+It is this long because a world shares no code with the other worlds beyond :mod:`.dicom_out`
+(docs/worlds.md), so its scanners, anatomy, rendering and noise stay in this one module.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Nodules are 6-24 mm across, large enough to tell from vessels on a 96 px grid (a
 which nothing learns cannot tell recipes apart). Labels are per slice: a slice is in ``nodule/``
 when its central plane cuts a nodule at least 4 mm across, else in ``normal/`` (with the other
 slices of the same patient).
+
+It is this long because a world shares no code with the other worlds beyond :mod:`.dicom_out`
+(docs/worlds.md), so its scanners, anatomy, rendering and noise stay in this one module.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ quantum-like: its level grows with the square root of the local attenuation and 
 attenuation along each row (the lateral rays are the longest). Each site stores pixel values
 differently (offsets of -2048 or -1024 or signed with padding outside the reconstruction circle).
 A slice is labelled ``nodule`` when its central plane cuts a nodule at least 4 mm across.
+
+It is this long because a world shares no code with the other worlds beyond :mod:`.dicom_out`
+(docs/worlds.md), so its scanners, anatomy, rendering and noise stay in this one module.
 """
 
 from __future__ import annotations
