@@ -1,23 +1,40 @@
-"""The Flower ServerApp: FedCT's rounds on Flower's deployment or simulation engine.
+"""The Flower ServerApp: FedCT's round loop on Flower's deployment or simulation engine.
 
-Builds the first model (from ImageNet weights when configured), resumes from the newest
-checkpoint when one exists, and hands the loop to the configured Flower strategy.
+Each round: select the sites (not those out of privacy budget), send them the model, sort their
+replies into the round's report (accepted / excluded with a reason / failed / out of budget,
+server/round_report.py), aggregate the accepted updates, let every site evaluate the new model
+and pool the results, then checkpoint and append the round to ``metrics.jsonl``. A run resumes
+at the round after its newest checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedct.common.config import FederationConfig
 from fedct.common.model_file import save_model
 from fedct.common.models import build_model
-from fedct.common.weights import model_weights
-from fedct.server.checkpoints import CheckpointStore
+from fedct.common.training_stats import TrainingStats
+from fedct.common.weights import Weights, model_weights
+from fedct.server.checkpoints import CheckpointStore, ServerState, append_metrics, read_metrics
+from fedct.server.health import RunSoFar
+from fedct.server.round_report import RoundReport, weighted_mean
+from fedct.server.strategy import (
+    STREAMED_MEAN,
+    as_record,
+    flower_aggregate,
+    in_transfer_dtype,
+    make_strategy,
+    optimizer_state,
+    restore_optimizer_state,
+    site_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,34 +43,108 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedct.server.strategy import make_strategy
-
     fed = FederationConfig.from_mapping(context.run_config)
     out = Path(fed.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = model_weights(build_model(fed.model_config))
-    resumed = CheckpointStore(out / "checkpoints").latest() if fed.resume else None
-    state = None
+    store = CheckpointStore(out / "checkpoints", fed)
+    metrics_path = out / "metrics.jsonl"
+    strategy = make_strategy(fed)
+    weights: Weights = model_weights(build_model(fed.model_config))
+    exhausted: set[str] = set()
+    history = RunSoFar()
+    first = 1
+    resumed = store.latest() if fed.resume else None
     if resumed is not None:
         weights, state = resumed
-        log.info("resuming from the checkpoint of round %d", state.round)
-    done = state.round if state else 0
-    if done >= fed.num_server_rounds:
+        first, exhausted = state.round + 1, set(state.exhausted_sites)
+        restore_optimizer_state(strategy, state.optimizer_state)
+        history = RunSoFar.from_history(
+            r for r in read_metrics(metrics_path) if r.get("round", 0) <= state.round
+        )
+        log.info("resuming after the checkpoint of round %d", state.round)
+    if first > fed.num_server_rounds:
         log.info("all %d rounds are already done (see %s)", fed.num_server_rounds, out)
         return
-    strategy = make_strategy(fed, out, first_round=done + 1, state=state)
-    result = strategy.start(  # type: ignore[attr-defined]
-        grid=grid,
-        initial_arrays=ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()}),
-        num_rounds=fed.num_server_rounds - done,
-        timeout=fed.round_timeout,
-        train_config=ConfigRecord({"local-epochs": fed.local_epochs}),
-        evaluate_fn=strategy.end_of_round,
-    )
-    final = (
-        {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in result.arrays.items()}
-        if result.arrays
-        else weights
-    )
-    save_model(out / "final_model.safetensors", final, fed, stats=strategy.training_stats)
+    stats = TrainingStats()  # what the model files record of the training data
+    sites: dict[int, str] = {}  # node id -> site name, learnt from the replies
+
+    for server_round in range(first, fed.num_server_rounds + 1):
+        began = time.time()
+        report = RoundReport(server_round, exhausted)
+        train_messages = [
+            m
+            for m in strategy.configure_train(
+                server_round,
+                as_record(weights),
+                ConfigRecord({"local-epochs": fed.local_epochs}),
+                grid,
+            )
+            if sites.get(m.metadata.dst_node_id) not in exhausted
+        ]
+        replies = list(
+            grid.send_and_receive(
+                in_transfer_dtype(train_messages, fed.transfer_dtype), timeout=fed.round_timeout
+            )
+        )
+        # wall time from sending the model to having every reply: local training plus the
+        # federation's overhead (process start, serialization, transfer), before aggregation
+        report.details["train-phase-seconds"] = round(time.time() - began, 3)
+        report.sort_train(
+            [site_reply(m, sites, with_update=True) for m in replies],
+            global_weights=weights,
+            max_update_norm=fed.max_update_norm,
+        )
+        stats = report.training_stats(stats)
+        weights = _aggregate(strategy, fed, report, weights, replies)
+
+        evaluate_config = ConfigRecord()
+        if stats.hu_quantiles is not None:  # a site flags held-out data beyond them
+            evaluate_config["train-hu-quantiles"] = list(stats.hu_quantiles)
+        evaluations = grid.send_and_receive(
+            in_transfer_dtype(
+                strategy.configure_evaluate(
+                    server_round, as_record(weights), evaluate_config, grid
+                ),
+                fed.transfer_dtype,
+            ),
+            timeout=fed.round_timeout,
+        )
+        stats = report.pool_evaluation(
+            [site_reply(m, sites, with_update=False) for m in evaluations],
+            num_classes=len(fed.class_names),
+            before=history,
+            stats=stats,
+        )
+
+        state = ServerState(
+            server_round, fed.strategy, sorted(exhausted), optimizer_state(strategy)
+        )
+        store.save(weights, state, stats=stats)
+        report.details["seconds"] = round(time.time() - began, 3)
+        append_metrics(metrics_path, report.record())
+        history = history.after(report.record())
+
+    save_model(out / "final_model.safetensors", weights, fed, stats=stats)
     log.info("final global model: %s", out / "final_model.safetensors")
+
+
+def _aggregate(
+    strategy: Strategy,
+    fed: FederationConfig,
+    report: RoundReport,
+    weights: Weights,
+    replies: list[Message],
+) -> Weights:
+    """The round's new model; the previous one with fewer than ``min-sites`` accepted."""
+    if len(report.accepted) < fed.min_sites:
+        log.warning(
+            "round %d: only %d usable update(s), %d required; keeping the previous model",
+            report.round,
+            len(report.accepted),
+            fed.min_sites,
+        )
+        return weights
+    if fed.strategy in STREAMED_MEAN:
+        return weighted_mean(weights, report.accepted)
+    aggregated = flower_aggregate(strategy, report.round, report.accepted, replies)
+    return weights if aggregated is None else aggregated

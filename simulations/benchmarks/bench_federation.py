@@ -94,44 +94,45 @@ def aggregation(counts: list[int]) -> dict[str, Any]:
     from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from fedct.common.config import FederationConfig, app_defaults
-    from fedct.server.strategy import make_strategy
+    from fedct.server.round_report import RoundReport, weighted_mean
+    from fedct.server.strategy import site_reply
     from fedct.simulations.replies import train_reply
 
-    fed = FederationConfig.from_mapping({**app_defaults(), "min-sites": 1})
     weights = model_weights(build_model(ModelConfig("resnet18", num_classes=2)))
     update = {k: v + np.float32(1e-3) for k, v in weights.items()}
     payload = ArrayRecord({k: Array(v) for k, v in update.items()})
     nbytes = sum(v.nbytes for v in update.values())
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in counts:
-            strategy = make_strategy(fed, Path(tmp) / str(n), first_round=1, state=None)
-            strategy.global_weights = weights
-            strategy.round_log = {"train": {}, "excluded": {}, "failed": {}, "exhausted": []}
-
-            messages = [
-                train_reply(f"site-{i}", i + 1, payload, {"num-examples": 10 + i % 7})
-                for i in range(n)
-            ]
-            tracemalloc.start()
-            start = time.perf_counter()
-            arrays, _ = strategy.aggregate_train(1, messages)
-            seconds = time.perf_counter() - start
-            _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-            assert arrays is not None
-            start = time.perf_counter()
-            aggregate_arrayrecords([m.content for m in messages], "num-examples")
-            flower_seconds = time.perf_counter() - start
-            results[str(n)] = {
-                "seconds": round(seconds, 2),
-                "gb_per_s": round(n * nbytes / seconds / 1e9, 2),
-                "peak_memory_growth_models": round(peak / nbytes, 2),
-                "flower_fedavg_alone_seconds": round(flower_seconds, 2),
-                "flower_fedavg_alone_gb_per_s": round(n * nbytes / flower_seconds / 1e9, 2),
-                "speedup_vs_flower_alone": round(flower_seconds / seconds, 2),
-            }
+    for n in counts:
+        messages = [
+            train_reply(f"site-{i}", i + 1, payload, {"num-examples": 10 + i % 7}) for i in range(n)
+        ]
+        tracemalloc.start()
+        start = time.perf_counter()
+        # what the ServerApp does with a round's replies: views, validation, the weighted mean
+        report = RoundReport(1, set())
+        report.sort_train(
+            [site_reply(m, {}, with_update=True) for m in messages],
+            global_weights=weights,
+            max_update_norm=1e4,
+        )
+        weighted_mean(weights, report.accepted)
+        seconds = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        if len(report.accepted) != n:
+            raise RuntimeError(f"only {len(report.accepted)} of {n} updates accepted")
+        start = time.perf_counter()
+        aggregate_arrayrecords([m.content for m in messages], "num-examples")
+        flower_seconds = time.perf_counter() - start
+        results[str(n)] = {
+            "seconds": round(seconds, 2),
+            "gb_per_s": round(n * nbytes / seconds / 1e9, 2),
+            "peak_memory_growth_models": round(peak / nbytes, 2),
+            "flower_fedavg_alone_seconds": round(flower_seconds, 2),
+            "flower_fedavg_alone_gb_per_s": round(n * nbytes / flower_seconds / 1e9, 2),
+            "speedup_vs_flower_alone": round(flower_seconds / seconds, 2),
+        }
     return {"model_bytes": nbytes, "updates": results}
 
 
