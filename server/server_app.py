@@ -28,6 +28,7 @@ from fedct.server.round_report import RoundReport, weighted_mean
 from fedct.server.strategy import (
     STREAMED_MEAN,
     as_record,
+    evaluation_config,
     flower_aggregate,
     in_transfer_dtype,
     make_strategy,
@@ -97,13 +98,10 @@ def main(grid: Grid, context: Context) -> None:
         stats = report.training_stats(stats)
         weights = _aggregate(strategy, fed, report, weights, replies)
 
-        evaluate_config = ConfigRecord()
-        if stats.hu_quantiles is not None:  # a site flags held-out data beyond them
-            evaluate_config["train-hu-quantiles"] = list(stats.hu_quantiles)
         evaluations = grid.send_and_receive(
             in_transfer_dtype(
                 strategy.configure_evaluate(
-                    server_round, as_record(weights), evaluate_config, grid
+                    server_round, as_record(weights), evaluation_config(stats), grid
                 ),
                 fed.transfer_dtype,
             ),

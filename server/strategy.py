@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedct.common.config import FederationConfig
+from fedct.common.training_stats import TrainingStats
 from fedct.common.weights import Weights
 from fedct.server.round_report import SiteReply
 
@@ -87,6 +88,15 @@ def as_record(weights: Weights, dtype: str = "float32") -> ArrayRecord:
     return ArrayRecord(
         {k: Array(np.asarray(v).astype(dtype, copy=False)) for k, v in weights.items()}
     )
+
+
+def evaluation_config(stats: TrainingStats) -> ConfigRecord:
+    """What every site is told with the model to evaluate: the federation's training intensity
+    quantiles, once a round has trained, so a site can flag held-out data beyond them."""
+    config = ConfigRecord()
+    if stats.hu_quantiles is not None:
+        config["train-hu-quantiles"] = list(stats.hu_quantiles)
+    return config
 
 
 def in_transfer_dtype(messages: Iterable[Message], dtype: str) -> list[Message]:

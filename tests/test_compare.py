@@ -2,20 +2,31 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 
+import fedct.simulations.compare
+from fedct.client.training import train_local
 from fedct.common.config import FederationConfig, app_defaults
-from fedct.common.model_file import save_model
+from fedct.common.dataset import CTSlices, site_dataset
+from fedct.common.evaluation import evaluate
+from fedct.common.model_file import load_model, save_model
 from fedct.common.models import build_model
+from fedct.common.seeding import derive_seed
+from fedct.common.site import load_site
 from fedct.common.weights import model_weights
 from fedct.simulations.compare import compare, paired_auroc_difference
 from fedct.simulations.report import compare_table
 from tests.conftest import write_tiny_site
 
 
-def test_baselines_cover_centralized_dp_and_each_site(tmp_path: Path) -> None:
+def test_baselines_cover_centralized_dp_and_each_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "data"
     for i in range(2):
         write_tiny_site(data / f"site-{i}", index=i, seed=i, patients=10, matrix=32)
@@ -31,7 +42,18 @@ def test_baselines_cover_centralized_dp_and_each_site(tmp_path: Path) -> None:
         }
     )
     federated = tmp_path / "final_model.safetensors"
-    save_model(federated, model_weights(build_model(fed.model_config)), fed)
+    constant = build_model(fed.model_config)
+    with torch.no_grad():  # a zero head: p(nodule) = 0.5 on every slice, an AUROC of exactly 0.5
+        constant.fc.weight.zero_()
+        constant.fc.bias.zero_()
+    save_model(federated, model_weights(constant), fed)
+    trained: dict[str, torch.nn.Module] = {}  # each baseline's model, to score it here
+
+    def train_and_keep(model: torch.nn.Module, *args: Any, description: str, **kwargs: Any) -> Any:
+        trained[description] = model
+        return train_local(model, *args, description=description, **kwargs)
+
+    monkeypatch.setattr(fedct.simulations.compare, "train_local", train_and_keep)
     rows = compare(fed, data, tmp_path / "cache", federated=federated)
     assert [r.model for r in rows] == [
         "federated",
@@ -41,17 +63,35 @@ def test_baselines_cover_centralized_dp_and_each_site(tmp_path: Path) -> None:
         "local-only: site-1",
     ]
     assert [r.dp for r in rows] == [True, False, True, True, True]
-    for r in rows:
-        assert set(r.sites) == {"site-0", "site-1"}
-        for value in [*r.sites.values(), r.pooled]:
-            assert math.isnan(value) or 0.0 <= value <= 1.0
-        assert not math.isnan(r.pooled)  # both classes are among the pooled held-out slices
     assert rows[0].vs_federated is None
-    for r in rows[1:]:
-        assert r.vs_federated == pytest.approx(r.pooled - rows[0].pooled)
-        assert r.vs_federated_ci is not None
-        low, high = r.vs_federated_ci
-        assert -1.0 <= low <= high <= 1.0
+
+    # Known answers: each row's AUROCs recomputed here with scikit-learn from its model's
+    # probabilities on every site's held-out patients, and its interval as the paired bootstrap
+    # of its scores against the federated model's over the same whole patients.
+    held_out, patients = _held_out_with_patients(data, fed)
+    models = {"federated": load_model(federated)[0], **trained}
+    reference = np.zeros(0)
+    for i, r in enumerate(rows):
+        scored = {name: _scores(models[r.model], part) for name, part in held_out.items()}
+        assert set(r.sites) == {"site-0", "site-1"}
+        expected = {name: _auroc(truth, scores) for name, (scores, truth) in scored.items()}
+        assert r.sites == pytest.approx(expected, nan_ok=True)
+        scores = np.concatenate([scores for scores, _ in scored.values()])
+        truth = np.concatenate([truth for _, truth in scored.values()])
+        assert 0 < truth.sum() < len(truth)  # both classes among the pooled held-out slices
+        assert r.pooled == pytest.approx(_auroc(truth, scores))
+        if r.model == "federated":
+            assert (scores == 0.5).all()
+            assert r.pooled == 0.5
+            reference = scores
+            continue
+        assert r.vs_federated == pytest.approx(r.pooled - 0.5)
+        _, interval = paired_auroc_difference(
+            scores, reference, truth, patients, seed=derive_seed(fed.seed, f"ci {i - 1}")
+        )
+        assert interval is not None
+        assert r.vs_federated_ci == pytest.approx(interval)
+
     table = compare_table({"compare": [vars(r) for r in rows]})
     assert "<h2>Comparison</h2>" in table
     assert table.count("<tr>") == 1 + len(rows)
@@ -61,6 +101,37 @@ def test_baselines_cover_centralized_dp_and_each_site(tmp_path: Path) -> None:
     alone = compare(fed, data, tmp_path / "cache")
     assert [r.model for r in alone] == [r.model for r in rows[1:]]
     assert all(r.vs_federated is None for r in alone)
+
+
+def _held_out_with_patients(
+    data: Path, fed: FederationConfig
+) -> tuple[dict[str, CTSlices], np.ndarray]:
+    """Every site's held-out slices, and one number per slice for its patient (numbered in
+    order of appearance across the sites, as compare numbers them for the bootstrap)."""
+    held_out, numbers = {}, {}
+    patients = []
+    for folder in sorted(data.iterdir()):
+        site = load_site(
+            folder, grid=fed.preprocess.grid, val_fraction=fed.val_fraction, progress=False
+        )
+        split = site.eval_split()
+        held_out[folder.name] = site_dataset(
+            site, split, classes=fed.class_names, windows=fed.preprocess.windows, train=False
+        )
+        for row in site.indices(split):
+            key = (folder.name, site.slices[int(row)].patient_key)
+            patients.append(numbers.setdefault(key, len(numbers)))
+    return held_out, np.asarray(patients)
+
+
+def _scores(model: torch.nn.Module, data: CTSlices) -> tuple[np.ndarray, np.ndarray]:
+    """The positive-class (last) probability of every slice, and whether it is positive."""
+    result = evaluate(model, data, device=next(model.parameters()).device)
+    return result.probabilities[:, -1], result.targets == result.probabilities.shape[1] - 1
+
+
+def _auroc(truth: np.ndarray, scores: np.ndarray) -> float:
+    return float(roc_auc_score(truth, scores)) if 0 < truth.sum() < len(truth) else math.nan
 
 
 def _patients(n: int, slices_each: int) -> np.ndarray:
@@ -116,11 +187,7 @@ def test_paired_difference_on_one_class_is_undefined() -> None:
 
 
 def test_a_diverged_baseline_gets_an_empty_row_not_a_crash() -> None:
-    import numpy as np
-    import torch
-
     from fedct.common.augment import eval_transform
-    from fedct.common.dataset import CTSlices
     from fedct.common.preprocess import WINDOW_PRESETS
     from fedct.simulations.compare import HeldOut, _evaluate
 

@@ -5,14 +5,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import save_file
 
+from fedct.common.augment import eval_transform
 from fedct.common.cli import main
 from fedct.common.config import FederationConfig, app_defaults
+from fedct.common.dicom_io import read_ct_file
 from fedct.common.errors import ConfigError
 from fedct.common.explain import explain
-from fedct.common.model_file import read_model, save_model
+from fedct.common.model_file import load_model, read_model, save_model
 from fedct.common.models import build_model
+from fedct.common.preprocess import to_model_grid
 from fedct.common.training_stats import (
     NO_STATS_NOTE,
     SATURATED_NOTE,
@@ -55,10 +59,18 @@ def test_explain_a_series_folder(model_file: Path, tiny_site: Path, tmp_path: Pa
     assert [s["file"] for s in report["skipped"]] == ["notes.txt"]
     positions = [s["position_mm"] for s in report["slices"]]
     assert positions == sorted(positions)  # in anatomical order
+    # known answer: each slice's score is the model's own softmax on that file, recomputed here
+    model, fed = load_model(model_file)
+    transform = eval_transform(fed.preprocess.windows)
     for s in report["slices"]:
-        assert 0.0 <= s["score"] <= 1.0
-        assert s["prediction"] in report["classes"]
+        (frame,) = (f for f in read_ct_file(series / s["file"]) if f.frame == s["frame"])
+        hu = to_model_grid(frame.hu, frame.pixel_spacing, fed.preprocess.grid)
+        with torch.no_grad():
+            p = torch.softmax(model(transform(torch.from_numpy(hu)[None])[None]), 1)[0]
+        assert s["score"] == pytest.approx(float(p[-1]), abs=1e-4)  # reported to 4 decimals
+        assert s["prediction"] == fed.class_names[int(p.argmax())]
         assert (out / s["overlay"]).stat().st_size > 1000
+    assert len({s["score"] for s in report["slices"]}) > 1  # the slices are told apart
     assert json.loads((out / "predictions.json").read_text()) == report
     # the fixture's file records no training statistics: said, not fatal
     assert report["model_hu_quantiles"] is None
@@ -98,9 +110,6 @@ def _with_stats(path: Path, stats: TrainingStats, *, bias: float | None = None) 
 
 def _recorded(series: Path) -> TrainingStats:
     """Training statistics that match ``series`` exactly: its own quantiles on the grid."""
-    from fedct.common.dicom_io import read_ct_file
-    from fedct.common.preprocess import to_model_grid
-
     frames = [f for path in sorted(series.glob("*.dcm")) for f in read_ct_file(path)]
     grid = FederationConfig.from_mapping({**app_defaults(), "image-size": 32}).preprocess.grid
     quantiles = hu_quantiles([to_model_grid(f.hu, f.pixel_spacing, grid) for f in frames])

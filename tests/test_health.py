@@ -169,30 +169,26 @@ def test_a_real_model_with_a_huge_bias_is_detected_by_the_site_and_the_server(
     assert collapse.kind == "saturated"
 
 
-def test_the_strategy_logs_and_records_a_collapse(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_the_round_report_logs_and_records_a_collapse(caplog: pytest.LogCaptureFixture) -> None:
     from fedct.server.progress import round_line
+    from fedct.server.round_report import RoundReport
     from fedct.simulations.replies import train_reply
-    from tests.test_server import _site_metrics, _strategy
+    from tests.test_server import _pooled, _site_metrics
 
-    strategy = _strategy(tmp_path)
     labels = [i % 2 == 0 for i in range(12)]
-    with caplog.at_level(logging.WARNING, logger="fedct.server.strategy"):
-        strategy.aggregate_evaluate(
-            1, [train_reply("a", 1, None, _site_metrics([1.0] * 12, labels))]
-        )
-    record = strategy.round_log["collapse"]
+    with caplog.at_level(logging.WARNING, logger="fedct.server.round_report"):
+        report = _pooled([train_reply("a", 1, None, _site_metrics([1.0] * 12, labels))])
+    record = report.details["collapse"]
     assert record["kind"] == "saturated"
     assert any("collapsed" in r.message and r.levelno == logging.WARNING for r in caplog.records)
-    line = round_line({"round": 1, **strategy.round_log})
+    line = round_line(report.record())
     assert "⚠ collapsed: held-out scores saturated" in line
     assert "lower learning-rate" in line
-    strategy.aggregate_evaluate(
-        2, [train_reply("a", 1, None, _site_metrics([0.2, 0.8] * 6, labels))]
+    healthy = _pooled(
+        [train_reply("a", 1, None, _site_metrics([0.2, 0.8] * 6, labels))], RoundReport(2, set())
     )
-    assert strategy.round_log["collapse"] is None
-    assert "collapsed" not in round_line({"round": 2, **strategy.round_log})
+    assert healthy.details["collapse"] is None
+    assert "collapsed" not in round_line(healthy.record())
 
 
 def _run_with(tmp_path: Path, collapse: Collapse | None) -> Any:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from sklearn.metrics import roc_auc_score
 
 from fedct.common.config import FederationConfig
+from fedct.common.dataset import site_dataset
 from fedct.common.errors import ConfigError
 from fedct.common.models import build_model
+from fedct.common.site import load_site
 from fedct.common.training_stats import stats_from_metadata
 from fedct.server.pretrain import METADATA_KEY, pretrain, stock_resnet
 from tests.conftest import write_tiny_site
@@ -29,7 +31,6 @@ def test_pretrained_weights_start_the_federation_exactly(tmp_path: Path, tiny_si
     assert out.is_file()
     assert result.train_slices > 0
     assert result.held_out_slices > 0
-    assert math.isnan(result.held_out_auroc) or 0.0 <= result.held_out_auroc <= 1.0
     with safe_open(str(out), framework="pt") as handle:
         metadata = handle.metadata()
         about = json.loads(metadata[METADATA_KEY])
@@ -45,13 +46,40 @@ def test_pretrained_weights_start_the_federation_exactly(tmp_path: Path, tiny_si
     assert stats.scores.slices == result.held_out_slices
     assert any(k.endswith("running_var") for k in state)  # BatchNorm statistics to fold
 
+    # Known answer: the reported AUROC is the saved network's on both folders' held-out
+    # patients, recomputed here from its probabilities with scikit-learn.
+    reference = stock_resnet(fed)
+    reference.load_state_dict(state)
+    reference.eval()
+    scores, positive = [], []
+    for folder in (tiny_site, second):
+        site = load_site(
+            folder,
+            grid=fed.preprocess.grid,
+            cache_dir=tmp_path / "cache" / folder.name,  # pretraining's frame cache: quicker
+            val_fraction=fed.val_fraction,
+            progress=False,
+        )
+        held_out = site_dataset(
+            site,
+            site.eval_split(),
+            classes=fed.class_names,
+            windows=fed.preprocess.windows,
+            train=False,
+        )
+        images, targets = zip(*(held_out[i] for i in range(len(held_out))), strict=True)
+        with torch.no_grad():
+            scores += torch.softmax(reference(torch.stack(images)), 1)[:, -1].tolist()
+        positive += [t == len(fed.class_names) - 1 for t in targets]
+    assert len(scores) == result.held_out_slices
+    assert 0 < sum(positive) < len(positive)  # both classes held out: the AUROC is defined
+    assert result.held_out_auroc == pytest.approx(roc_auc_score(positive, scores), abs=1e-6)
+    assert about["held-out-auroc"] == round(result.held_out_auroc, 4)
+
     # The federation's DP model (norm auto -> folded) computes the pretrained network itself.
     started = FederationConfig(image_size=32, pretrained=str(out))
     assert started.resolved_norm == "folded"
     model = build_model(started.model_config).eval()
-    reference = stock_resnet(fed)
-    reference.load_state_dict(state)
-    reference.eval()
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import fedct.client.rounds
 from fedct.common.config import FederationConfig, SiteConfig
 from fedct.common.models import build_model
+from fedct.common.site import load_site
 from fedct.common.weights import model_weights
 
 
@@ -18,7 +21,11 @@ def test_evaluation_survives_a_failing_explanation(
 ) -> None:
     fed = FederationConfig(image_size=32, min_eval_cases=1, min_eval_patients=1)
     site = SiteConfig(site_name="a", data_dir=str(tiny_site), state_dir=str(tmp_path / "state"))
-    weights = model_weights(build_model(fed.model_config))
+    model = build_model(fed.model_config)
+    with torch.no_grad():  # p(nodule) = sigmoid(2) on every slice, whatever it shows
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor([-1.0, 1.0]))
+    weights = model_weights(model)
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no gradient reached the target layer")
@@ -26,18 +33,26 @@ def test_evaluation_survives_a_failing_explanation(
     monkeypatch.setattr(fedct.client.rounds, "cam_localization", broken)
     metrics = fedct.client.rounds.evaluate_round(site, fed, weights)
     assert metrics["reported"] == 1
-    assert metrics["num-examples"] > 0
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+    # known answer: a model calling every slice a nodule is right on exactly the nodule slices
+    data = load_site(
+        tiny_site, grid=fed.preprocess.grid, val_fraction=fed.val_fraction, progress=False
+    )
+    labels = [data.slices[int(r)].label for r in data.indices(data.eval_split())]
+    assert 0 < labels.count("nodule") < len(labels)  # both classes held out
+    assert metrics["num-examples"] == len(labels)
+    assert metrics["accuracy"] == pytest.approx(labels.count("nodule") / len(labels))
     assert sum(metrics["hist-neg"]) + sum(metrics["hist-pos"]) == metrics["num-examples"]
     assert metrics["cam-slices"] == 0
     assert math.isnan(metrics["cam-pointing"])
 
 
-def test_cam_localization_sends_only_averages(tiny_site: Path) -> None:
-    import numpy as np
-
+def test_cam_localization_sends_only_averages(
+    tiny_site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Known answers: one-pixel lesion masks the test places around each slice's own Grad-CAM
+    peak give hit rates fixed by construction."""
     from fedct.common.dataset import site_dataset
-    from fedct.common.site import load_site
+    from fedct.common.gradcam import POINTING_TOLERANCE, cam_maps, cam_peak
 
     fed = FederationConfig(image_size=32)
     data = load_site(tiny_site, grid=fed.preprocess.grid, progress=False)
@@ -47,15 +62,38 @@ def test_cam_localization_sends_only_averages(tiny_site: Path) -> None:
     )
     rows = data.indices(split)
     positive = np.asarray([data.slices[int(r)].label == "nodule" for r in rows])
-    assert positive.any()
+    torch.manual_seed(0)
     model = build_model(fed.model_config).eval()
+    # Each positive slice in turn gets a mask: on its CAM peak (a strict hit), 2 px from it
+    # (a hit within the tolerance only), 4 px from it (a miss), or none (not scored).
+    assert 2 < POINTING_TOLERANCE * 32 < 4
+    kinds = {int(i): k % 4 for k, i in enumerate(np.flatnonzero(positive))}
+    assert len(kinds) >= 8
+    masked = [i for i, kind in kinds.items() if kind != 3]
+    images = torch.stack([dataset[i][0] for i in masked])
+    cams = cam_maps(model, images, target_class=1, layer=fed.cam_layer)  # the same batch
+    masks: dict[int, np.ndarray] = {}
+    energies = []
+    for i, cam in zip(masked, cams, strict=True):
+        peak = cam_peak(cam)
+        assert peak is not None  # this seed's CAMs point somewhere
+        row, col = peak
+        offset = (0, 2, 4)[kinds[i]]
+        mask = np.zeros(cam.shape, dtype=bool)
+        mask[row + offset if row < 16 else row - offset, col] = True
+        masks[int(rows[i])] = mask
+        energies.append(cam[mask].sum() / cam.sum())
+    monkeypatch.setattr(data, "lesion_mask", lambda row: masks.get(row))
+
     metrics = fedct.client.rounds.cam_localization(
         model, data, dataset, rows, positive, 1, layer=fed.cam_layer
     )
     assert set(metrics) == {"cam-slices", "cam-pointing", "cam-pointing-strict", "cam-energy"}
-    assert metrics["cam-slices"] == positive.sum()
-    assert 0.0 <= metrics["cam-pointing-strict"] <= metrics["cam-pointing"] <= 1.0
-    assert 0.0 <= metrics["cam-energy"] <= 1.0
+    kind_counts = np.bincount([kinds[i] for i in masked], minlength=3)
+    assert metrics["cam-slices"] == len(masked)
+    assert metrics["cam-pointing"] == pytest.approx(kind_counts[:2].sum() / len(masked))
+    assert metrics["cam-pointing-strict"] == pytest.approx(kind_counts[0] / len(masked))
+    assert metrics["cam-energy"] == pytest.approx(np.mean(energies))
 
 
 def test_evaluation_sends_only_aggregates_of_slices_series_and_patients(
@@ -83,8 +121,6 @@ def test_evaluation_sends_only_aggregates_of_slices_series_and_patients(
 
 
 def test_small_cohorts_report_series_and_patients_as_counts_only() -> None:
-    import numpy as np
-
     from fedct.common.metrics import PATIENT, SERIES
 
     scores = np.array([0.1, 0.8, 0.3, 0.6])

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message
 
-from fedct.common.weights import weight_problem
+from fedct.common.config import FederationConfig, app_defaults
+from fedct.common.weights import Weights, weight_problem
 from fedct.server.checkpoints import (
     CheckpointError,
     CheckpointStore,
@@ -15,6 +17,10 @@ from fedct.server.checkpoints import (
     append_metrics,
     read_metrics,
 )
+from fedct.server.round_report import RoundReport
+from fedct.server.server_app import _aggregate
+from fedct.server.strategy import in_transfer_dtype, make_strategy, site_reply
+from fedct.simulations.replies import train_reply
 
 REFERENCE = {"conv.weight": np.zeros((2, 3), np.float32), "fc.bias": np.zeros(2, np.float32)}
 
@@ -79,25 +85,28 @@ def _reject(constant: str) -> None:
     raise ValueError(f"non-standard JSON constant {constant}")
 
 
-def _strategy(tmp_path: Path, **settings: object):  # type: ignore[no-untyped-def]
-    from fedct.common.config import FederationConfig, app_defaults
-    from fedct.server.strategy import make_strategy
+def _fed(**settings: object) -> FederationConfig:
+    return FederationConfig.from_mapping({**app_defaults(), "min-sites": 1, **settings})
 
-    fed = FederationConfig.from_mapping({**app_defaults(), "min-sites": 1, **settings})
-    strategy = make_strategy(fed, tmp_path, first_round=1, state=None)
-    strategy.global_weights = REFERENCE
-    strategy.round_log = {"train": {}, "excluded": {}, "failed": {}, "exhausted": []}
-    return strategy
+
+def _sorted(
+    replies: list[Message], reference: Weights = REFERENCE, **settings: object
+) -> RoundReport:
+    """The round report the ServerApp's loop makes of these train replies."""
+    report = RoundReport(1, set())
+    report.sort_train(
+        [site_reply(m, {}, with_update=True) for m in replies],
+        global_weights=reference,
+        max_update_norm=_fed(**settings).max_update_norm,
+    )
+    return report
 
 
 def _update(value: float, dtype: type = np.float32) -> dict[str, np.ndarray]:
     return {k: np.full(v.shape, value, dtype) for k, v in REFERENCE.items()}
 
 
-def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates(tmp_path: Path) -> None:
-    from fedct.simulations.replies import train_reply
-
-    strategy = _strategy(tmp_path)
+def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates() -> None:
     bad = _update(1.0)
     bad["fc.bias"][0] = np.nan
     replies = [
@@ -108,45 +117,43 @@ def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates(tmp_path: Path
         train_reply("e", 5, _update(1.0), {"num-examples": -3}),
         train_reply("f", 6, _update(1.0), {"num-examples": float("nan")}),
     ]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    assert arrays is not None
-    for key, value in arrays.items():
-        aggregated = value.numpy()
+    report = _sorted(replies)
+    new = _aggregate(make_strategy(_fed()), _fed(), report, REFERENCE, replies)
+    for key, aggregated in new.items():
         assert aggregated.dtype == np.float32
         np.testing.assert_allclose(aggregated, (10 * 1.0 + 30 * 4.0) / 40)  # = 3.25
         assert aggregated.shape == REFERENCE[key].shape
-    assert set(strategy.round_log["train"]) == {"a", "b"}
-    assert "non-finite" in strategy.round_log["excluded"]["c"]
-    assert "num-examples" in strategy.round_log["excluded"]["e"]
-    assert "num-examples" in strategy.round_log["excluded"]["f"]
-    assert strategy.exhausted == {"d"}
+    assert set(report.train) == {"a", "b"}
+    assert "non-finite" in report.excluded["c"]
+    assert "num-examples" in report.excluded["e"]
+    assert "num-examples" in report.excluded["f"]
+    assert report.exhausted == {"d"}
+    assert report.record()["exhausted"] == ["d"]
 
 
-def test_too_few_valid_updates_keep_the_previous_model(tmp_path: Path) -> None:
-    from fedct.simulations.replies import train_reply
-
-    strategy = _strategy(tmp_path, **{"min-sites": 2, "max-update-norm": 1.0})
+def test_too_few_valid_updates_keep_the_previous_model() -> None:
+    settings = {"min-sites": 2, "max-update-norm": 1.0}
     replies = [
         train_reply("a", 1, _update(0.1), {"num-examples": 10}),
         train_reply("b", 2, _update(100.0), {"num-examples": 10}),  # absurd norm
     ]
-    assert strategy.aggregate_train(1, replies) == (None, None)
-    assert "exceeds the limit" in strategy.round_log["excluded"]["b"]
+    report = _sorted(replies, **settings)
+    fed = _fed(**settings)
+    assert _aggregate(make_strategy(fed), fed, report, REFERENCE, replies) is REFERENCE
+    assert "exceeds the limit" in report.excluded["b"]
 
 
-def test_float16_transfer_casts_what_goes_to_the_sites(tmp_path: Path) -> None:
-    from flwr.app import Array, ArrayRecord, Message, RecordDict
+def test_float16_transfer_casts_what_goes_to_the_sites() -> None:
+    from flwr.app import Array, ArrayRecord, RecordDict
 
-    from fedct.simulations.replies import train_reply
-
-    strategy = _strategy(tmp_path, **{"transfer-dtype": "float16"})
     train_reply("a", 1, None, {})  # sets the task identity messages need
     model = ArrayRecord({k: Array(v) for k, v in REFERENCE.items()})
-    outgoing = strategy._in_transfer_dtype(
+    outgoing = in_transfer_dtype(
         [
             Message(RecordDict({"arrays": model}), dst_node_id=n, message_type="evaluate")
             for n in (1, 2)
-        ]
+        ],
+        "float16",
     )
     for message in outgoing:
         for value in message.content.array_records["arrays"].values():
@@ -170,11 +177,9 @@ def test_update_distance_spans_blocks_exactly() -> None:
 
 
 @pytest.mark.parametrize("strategy_name", ["fedavg", "fedprox", "fedadam"])
-def test_aggregation_matches_flowers_fedavg(tmp_path: Path, strategy_name: str) -> None:
+def test_aggregation_matches_flowers_fedavg(strategy_name: str) -> None:
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
-    from fedct.simulations.replies import train_reply
 
     rng = np.random.default_rng(1)
     reference = {
@@ -187,16 +192,17 @@ def test_aggregation_matches_flowers_fedavg(tmp_path: Path, strategy_name: str) 
     ]
     updates[1] = {k: v.astype(np.float16) for k, v in updates[1].items()}  # a float16 site
     sizes = [12, 40, 7]
-    strategy = _strategy(tmp_path, strategy=strategy_name)
-    strategy.global_weights = reference
-    strategy.current_arrays = dict(reference)  # what FedAdam's configure_train keeps
+    eta = 0.05  # FedAdam's server learning rate (not the default, so it must be passed on)
+    settings = {"strategy": strategy_name, "server-learning-rate": eta}
+    fed = _fed(**settings)
+    strategy = make_strategy(fed)
+    strategy.current_arrays = dict(reference)  # type: ignore[attr-defined]  # FedAdam's, set by configure_train
     replies = [
         train_reply(f"s{i}", i + 1, u, {"num-examples": n, "train-loss": float(i)})
         for i, (u, n) in enumerate(zip(updates, sizes, strict=True))
     ]
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    assert arrays is not None
-    assert metrics is not None
+    report = _sorted(replies, reference, **settings)
+    arrays = _aggregate(strategy, fed, report, reference, replies)
     expected = aggregate_arrayrecords(
         [
             RecordDict(
@@ -209,14 +215,27 @@ def test_aggregation_matches_flowers_fedavg(tmp_path: Path, strategy_name: str) 
         ],
         "num-examples",
     )
-    if strategy_name == "fedadam":  # Flower's FedAdam steps from the mean: only check it ran
+    if strategy_name == "fedadam":
+        # Known answer: FedAdam's first server step (Reddi et al. 2021, Algorithm 2, Flower's
+        # defaults b1 = 0.9, b2 = 0.99, tau = 1e-3) from zero moments, written out by hand:
+        # delta = mean - x, m = (1 - b1) delta, v = (1 - b2) delta^2, and with Adam's bias
+        # correction at round 1 (Flower's t + 1 = 2) x' = x + eta_t m / (sqrt(v) + tau).
+        b1, b2, tau = 0.9, 0.99, 1e-3
+        eta_t = eta * math.sqrt(1 - b2**2) / (1 - b1**2)
         assert set(arrays.keys()) == set(reference)
+        for key, x in reference.items():
+            delta = expected[key].numpy().astype(np.float64) - x
+            m, v = (1 - b1) * delta, (1 - b2) * delta**2
+            step = eta_t * m / (np.sqrt(v) + tau)
+            got = arrays[key]
+            assert got.dtype == np.float32  # Flower's FedAdam computes in float64
+            np.testing.assert_allclose(got, x + step, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(got, expected[key].numpy(), atol=1e-3)  # not the mean
     else:
         for key in reference:
-            got = arrays[key].numpy()
+            got = arrays[key]
             assert got.dtype == np.float32
             np.testing.assert_allclose(got, expected[key].numpy(), rtol=1e-6, atol=1e-6)
-    assert metrics["train-loss"] == pytest.approx((0 * 12 + 1 * 40 + 2 * 7) / 59)
 
 
 def _site_metrics(
@@ -262,11 +281,24 @@ def test_pooled_series_auroc_equals_sklearns_on_all_series() -> None:
     assert pooled["series-scores-tied"] == 0
 
 
-def test_round_record_pools_levels_and_flags_tied_scores(tmp_path: Path) -> None:
-    from fedct.server.progress import round_line
-    from fedct.simulations.replies import train_reply
+def _pooled(replies: list[Message], report: RoundReport | None = None) -> RoundReport:
+    """The round report after pooling these evaluation replies."""
+    from fedct.common.training_stats import TrainingStats
+    from fedct.server.health import RunSoFar
 
-    strategy = _strategy(tmp_path)
+    report = report or RoundReport(1, set())
+    report.pool_evaluation(
+        [site_reply(m, {}, with_update=False) for m in replies],
+        num_classes=2,
+        before=RunSoFar(),
+        stats=TrainingStats(),
+    )
+    return report
+
+
+def test_round_record_pools_levels_and_flags_tied_scores() -> None:
+    from fedct.server.progress import round_line
+
     near_constant = [0.3 + 1e-5 * i for i in range(12)]  # per-site AUROC 1, all in one bin
     labels = [i >= 6 for i in range(12)]
     small = {"num-examples": 3, "reported": 0, "series-num": 1, "patient-num": 1}
@@ -275,15 +307,13 @@ def test_round_record_pools_levels_and_flags_tied_scores(tmp_path: Path) -> None
         train_reply("b", 2, None, _site_metrics(near_constant, labels)),
         train_reply("c", 3, None, small),
     ]
-    record = strategy.aggregate_evaluate(1, replies)
-    assert record is not None
-    assert not any("hist" in k for k in record)
-    pooled = strategy.round_log["pooled"]
+    report = _pooled(replies)
+    pooled = report.details["pooled"]
     assert pooled["scores-tied"] == pooled["series-scores-tied"] == 1
     assert pooled["auroc"] == pooled["series-auroc"] == pytest.approx(0.5)
-    assert not any("hist" in k for m in strategy.round_log["evaluate"].values() for k in m)
-    assert strategy.round_log["evaluate"]["a"]["series-auroc"] == 1.0
-    line = round_line({"round": 1, **strategy.round_log})
+    assert not any("hist" in k for m in report.details["evaluate"].values() for k in m)
+    assert report.details["evaluate"]["a"]["series-auroc"] == 1.0
+    line = round_line(report.record())
     assert "AUROC slice 0.500 · series 0.500 · patient 0.500" in line
     assert "scores tied in one bin" in line
     assert "(slice, series, patient)" in line

@@ -137,23 +137,14 @@ def test_checkpoints_record_the_statistics(tmp_path: Path) -> None:
     assert read_training_stats(path) == stats
 
 
-class _OneNode:
-    """The part of Flower's Grid a strategy samples nodes from: one connected node."""
-
-    def get_node_ids(self) -> list[int]:
-        return [1]
-
-
-def test_the_strategy_combines_the_sites_quantiles_and_sends_them_to_evaluation(
-    tmp_path: Path,
-) -> None:
-    from flwr.app import Array, ArrayRecord, ConfigRecord
-
+def test_the_server_combines_the_sites_quantiles_and_sends_them_to_evaluation() -> None:
+    from fedct.server.health import RunSoFar
+    from fedct.server.round_report import RoundReport
+    from fedct.server.strategy import evaluation_config, site_reply
     from fedct.simulations.replies import train_reply
     from tests.test_server import REFERENCE as SERVER_REFERENCE
-    from tests.test_server import _site_metrics, _strategy
+    from tests.test_server import _site_metrics, _sorted
 
-    strategy = _strategy(tmp_path)
     a, b = [-900.0, -850.0, -200.0, 100.0, 400.0], [-940.0, -890.0, -100.0, 140.0, 500.0]
     replies = [
         train_reply(
@@ -164,21 +155,31 @@ def test_the_strategy_combines_the_sites_quantiles_and_sends_them_to_evaluation(
         )
         for i, (site, n, q) in enumerate([("a", 30, a), ("b", 10, b)])
     ]
-    strategy.aggregate_train(1, replies)
+    report = _sorted(replies)
+    stats = report.training_stats(TrainingStats())
     expected = combine_hu_quantiles([(a, 30), (b, 10)])
-    assert strategy.training_stats.hu_quantiles == expected
-    assert "2 sites" in strategy.training_stats.hu_from
-    arrays = ArrayRecord({k: Array(v) for k, v in SERVER_REFERENCE.items()})
-    (message,) = strategy.configure_evaluate(1, arrays, ConfigRecord(), _OneNode())  # type: ignore[arg-type]
-    sent = message.content.config_records["config"]["train-hu-quantiles"]
+    assert stats.hu_quantiles == expected
+    assert "2 sites" in stats.hu_from
+    sent = evaluation_config(stats)["train-hu-quantiles"]
     assert tuple(sent) == expected  # type: ignore[arg-type]
+    assert "train-hu-quantiles" not in evaluation_config(TrainingStats())
     labels = [i % 2 == 0 for i in range(12)]
     spread = [0.1 + 0.07 * i for i in range(12)]
-    strategy.aggregate_evaluate(1, [train_reply("a", 1, None, _site_metrics(spread, labels))])
-    scores = strategy.training_stats.scores
+    evaluated = RoundReport(1, set())
+    stats = evaluated.pool_evaluation(
+        [
+            site_reply(m, {}, with_update=False)
+            for m in [train_reply("a", 1, None, _site_metrics(spread, labels))]
+        ],
+        num_classes=2,
+        before=RunSoFar(),
+        stats=stats,
+    )
+    scores = stats.scores
     assert scores is not None
     assert scores.slices == 12
     assert scores.above == scores.below == 0
+    assert stats.hu_quantiles == expected  # kept
 
 
 def test_a_site_sends_its_training_quantiles_and_flags_shifted_held_out_data(
