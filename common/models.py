@@ -250,9 +250,9 @@ def build_model(cfg: ModelConfig) -> ResNet:
             zero_init_residual=cfg.zero_init_residual,
         )
     if cfg.stem == "compact":
-        model.maxpool = nn.Identity()  # type: ignore[assignment]
+        model.maxpool = nn.Identity()
     if cfg.pool == "max":
-        model.avgpool = nn.AdaptiveMaxPool2d(1)  # type: ignore[assignment]
+        model.avgpool = nn.AdaptiveMaxPool2d(1)
     for module in model.modules():  # ReLU(inplace=True) would overwrite hooked activations
         if isinstance(module, nn.ReLU):
             module.inplace = False

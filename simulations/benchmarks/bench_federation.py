@@ -110,14 +110,14 @@ def aggregation(counts: list[int]) -> dict[str, Any]:
         seconds, peak, report = _validated(messages, weights, weighted_mean)
         if len(report.accepted) != n:
             raise RuntimeError(f"only {len(report.accepted)} of {n} updates accepted")
+
         # the alternative FedCT would use: the same validation, then Flower's FedAvg mean
-        flower_seconds, flower_peak, _ = _validated(
-            messages,
-            weights,
-            lambda _w, _accepted, replies=messages: aggregate_arrayrecords(
-                [m.content for m in replies], "num-examples"
-            ),
-        )
+        def flower_mean(
+            _weights: Weights, _accepted: list[Any], replies: list[Any] = messages
+        ) -> object:
+            return aggregate_arrayrecords([m.content for m in replies], "num-examples")
+
+        flower_seconds, flower_peak, _ = _validated(messages, weights, flower_mean)
         start = time.perf_counter()
         aggregate_arrayrecords([m.content for m in messages], "num-examples")
         alone = time.perf_counter() - start
