@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -96,3 +97,58 @@ def test_recipe_settings_name_their_choices() -> None:
         FederationConfig(lr_schedule="step")
     with pytest.raises(ConfigError, match="none, body"):
         FederationConfig(crop="lung")
+
+
+def _readme_table() -> dict[str, str]:
+    """README's configuration reference: key -> the default it documents."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, str] = {}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if not row.startswith("| `") or len(cells) < 3:
+            continue
+        keys = [k.strip().strip("`") for k in cells[0].split(",")]
+        defaults = [d.strip() for d in cells[1].split(", ")]
+        assert len(keys) == len(defaults), row
+        documented.update(zip(keys, defaults, strict=True))
+        for other in re.findall(r"\(`([a-z-]+)`(?:, ([0-9.]+))?", cells[2]):
+            documented.setdefault(other[0], other[1] or "(in the text)")
+    return documented
+
+
+def _same(documented: str, value: object) -> bool:
+    shown = re.sub(r"\s*\(.*\)$", "", documented).strip("`")
+    if isinstance(value, bool):
+        return shown == str(value).lower()
+    if isinstance(value, int | float):
+        try:
+            return float(shown) == float(value)
+        except ValueError:
+            return False
+    return shown == (str(value) or '""')
+
+
+def test_the_readme_documents_every_setting_with_its_default() -> None:
+    documented = _readme_table()
+    defaults = FederationConfig().to_mapping()
+    assert set(documented) >= set(defaults), sorted(set(defaults) - set(documented))
+    assert set(documented) <= set(defaults), sorted(set(documented) - set(defaults))
+    for key, value in defaults.items():
+        if documented[key] in ("(in the text)", "the installed version"):
+            continue
+        assert _same(documented[key], value), (key, documented[key], value)
+
+
+def test_a_hospitals_client_app_refuses_a_run_of_another_version() -> None:
+    from flwr.app import Context, RecordDict
+
+    from fedct.client.client_app import run_settings
+
+    def context(run_version: str) -> Context:
+        config = {**app_defaults(), "fedct-version": run_version}
+        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config)
+
+    assert run_settings(context(version("fedct"))).fedct_version == version("fedct")
+    with pytest.raises(VersionMismatchError, match=r"FedCT 9\.9\.9.*FedCT " + version("fedct")):
+        run_settings(context("9.9.9"))
