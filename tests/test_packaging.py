@@ -16,6 +16,7 @@ import pytest
 
 from fedct.simulations.loopback import LoopbackFederation
 from tests.conftest import write_tiny_site
+from tests.test_deployment_e2e import RUN_SETTINGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -155,16 +156,7 @@ def test_the_installed_wheel_runs_a_loopback_federation(
 ) -> None:
     _run([str(installed / "fedct"), "certs", "--out", "certs", "--hospital", "alpha"], elsewhere)
     assert (elsewhere / "certs" / "ca.crt").is_file()
-    server = wheel_federation.server(
-        "--rounds",
-        "1",
-        "--set",
-        "image-size=32",
-        "--set",
-        "min-eval-cases=1",
-        "--set",
-        "batch-size=8",
-    )
+    server = wheel_federation.server("--rounds", "1", *RUN_SETTINGS)
     for name in wheel_federation.data:
         wheel_federation.client(name)
     try:
