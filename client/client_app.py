@@ -15,8 +15,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedct.client.rounds import Metrics, evaluate_round, train_round
+from fedct.common import audit
 from fedct.common.config import FederationConfig, SiteConfig
-from fedct.common.version import require_same_version
+from fedct.common.version import FEDCT_VERSION, VersionMismatchError, require_same_version
 from fedct.common.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,52 @@ app = ClientApp()
 
 def run_settings(context: Context) -> FederationConfig:
     """The run's settings, refused (before anything is read or trained) when the server runs
-    another FedCT version than the one installed at this hospital."""
+    another FedCT version than the one installed at this hospital; the refusal is audited."""
     fed = FederationConfig.from_mapping(context.run_config)
-    require_same_version(fed.fedct_version)
+    try:
+        require_same_version(fed.fedct_version)
+    except VersionMismatchError as err:
+        node = dict(context.node_config)
+        if {"site-name", "data-dir", "state-dir"} <= node.keys():  # a hospital's SuperNode
+            site = SiteConfig.from_mapping(node)
+            audit.append(
+                Path(site.state_dir),
+                {
+                    "kind": "run",
+                    "run-id": context.run_id,
+                    "status": "refused",
+                    "reason": str(err),
+                    "config-digest": audit.config_digest(context.run_config),
+                },
+            )
+        raise
     return fed
+
+
+def _audit(
+    site: SiteConfig, context: Context, kind: str, server_round: int, reply: Message
+) -> None:
+    """One audit record per message: what the run asked and what left the site (byte counts and
+    metric names, never values)."""
+    content = reply.content
+    metrics = content.metric_records["metrics"]
+    arrays = content.array_records.get("arrays")
+    audit.append(
+        Path(site.state_dir),
+        {
+            "kind": kind,
+            "run-id": context.run_id,
+            "round": server_round,
+            "fedct-version": FEDCT_VERSION,
+            "config-digest": audit.config_digest(context.run_config),
+            "status": str(content.config_records["site"]["status"]),
+            "sent": {
+                "arrays-bytes": sum(len(a.data) for a in arrays.values()) if arrays else 0,
+                "metrics": sorted(metrics),
+            },
+            "epsilon": metrics.get("epsilon"),
+        },
+    )
 
 
 def site_config(context: Context, fed: FederationConfig) -> SiteConfig:
@@ -77,7 +120,9 @@ def train(msg: Message, context: Context) -> Message:
     # the whole local step (data from the cache, model, training, ledger), for the overhead
     # benchmark: what the round takes beyond this is the federation's cost
     metrics = {**reply.metrics, "handler-seconds": time.perf_counter() - start}
-    return _reply(msg, site, metrics, reply.weights, reply.status)
+    out = _reply(msg, site, metrics, reply.weights, reply.status)
+    _audit(site, context, "train", server_round, out)
+    return out
 
 
 @app.evaluate()
@@ -92,4 +137,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         _weights(msg),
         model_hu=[float(v) for v in model_hu] if isinstance(model_hu, list) else None,
     )
-    return _reply(msg, site, metrics, None, "ok")
+    out = _reply(msg, site, metrics, None, "ok")
+    _audit(site, context, "evaluate", int(str(config.get("server-round", 0))), out)
+    return out

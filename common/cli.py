@@ -35,6 +35,7 @@ class Command:
 GROUPS: dict[str, str] = {
     "data": "Check a hospital's DICOM folder, or write synthetic hospitals.",
     "privacy": "A site's privacy budget: what was spent, round by round.",
+    "audit": "A state folder's hash-chained audit log.",
 }
 
 COMMANDS: tuple[Command, ...] = (
@@ -52,6 +53,11 @@ COMMANDS: tuple[Command, ...] = (
         ("privacy", "report"),
         "fedct.client.privacy_cli",
         "Print a site's privacy ledger and the budget it has left.",
+    ),
+    Command(
+        ("audit", "verify"),
+        "fedct.common.audit_cli",
+        "Check a state folder's audit log (edited, removed or cut-off records) and summarize it.",
     ),
     Command(
         ("certs",),

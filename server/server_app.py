@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedct.common import audit
 from fedct.common.config import FederationConfig
 from fedct.common.model_file import save_model
 from fedct.common.models import build_model
@@ -120,6 +121,20 @@ def main(grid: Grid, context: Context) -> None:
         store.save(weights, state, stats=stats)
         report.details["seconds"] = round(time.time() - began, 3)
         append_metrics(metrics_path, report.record())
+        audit.append(
+            out,
+            {
+                "kind": "round",
+                "run-id": context.run_id,
+                "round": server_round,
+                "fedct-version": fed.fedct_version,
+                "config-digest": audit.config_digest(context.run_config),
+                "accepted": sorted(report.train),
+                "excluded": report.excluded,
+                "failed": report.failed,
+                "exhausted": sorted(report.exhausted),
+            },
+        )
         history = history.after(report.record())
 
     save_model(out / "final_model.safetensors", weights, fed, stats=stats)

@@ -140,15 +140,20 @@ def test_the_readme_documents_every_setting_with_its_default() -> None:
         assert _same(documented[key], value), (key, documented[key], value)
 
 
-def test_a_hospitals_client_app_refuses_a_run_of_another_version() -> None:
+def test_a_hospitals_client_app_refuses_a_run_of_another_version(tmp_path: Path) -> None:
     from flwr.app import Context, RecordDict
 
     from fedct.client.client_app import run_settings
+    from fedct.common.audit import verify
+
+    node = {"site-name": "a", "data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path)}
 
     def context(run_version: str) -> Context:
         config = {**app_defaults(), "fedct-version": run_version}
-        return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config)
+        return Context(run_id=3, node_id=1, node_config=node, state=RecordDict(), run_config=config)
 
     assert run_settings(context(version("fedct"))).fedct_version == version("fedct")
     with pytest.raises(VersionMismatchError, match=r"FedCT 9\.9\.9.*FedCT " + version("fedct")):
         run_settings(context("9.9.9"))
+    (refusal,) = verify(tmp_path).refused  # the refusal is in the hospital's audit log
+    assert refusal.startswith("run 3: the run was made by FedCT 9.9.9")

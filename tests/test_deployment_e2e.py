@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedct.client.privacy import LEDGER_FILE, read_entries
+from fedct.common.audit import verify
 from fedct.simulations.loopback import LoopbackFederation
 from tests.conftest import write_tiny_site
 
@@ -118,6 +119,10 @@ def test_tls_authenticated_federation_runs_and_resumes_after_restart(
         entries = read_entries(federation.site_state(name))
         assert [e.round for e in entries] == [1, 2]
         assert entries[-1].epsilon <= 8.0
+        audited = verify(federation.site_state(name))  # the hospital's audit log holds
+        assert audited.kinds == {"train": 2, "evaluate": 2}
+        assert audited.last_epsilon == pytest.approx(entries[-1].epsilon)
+    assert verify(federation.state / "run").kinds == {"round": 2}
     assert all(c.poll() is None for c in federation.clients.values())
 
 
