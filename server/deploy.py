@@ -28,8 +28,10 @@ from fedct.common import json_text
 from fedct.common.app_bundle import write_app
 from fedct.common.config import FederationConfig, app_defaults
 from fedct.common.errors import FedCTError
+from fedct.common.fileio import atomic_write_text
 from fedct.common.flower_tools import executable, flower_environment, write_toml
 from fedct.common.processes import sigterm_raises, start, stop_group, wait_for_port
+from fedct.server.allow_list import write_allow_list
 from fedct.server.certs import CertPaths
 from fedct.server.checkpoints import read_metrics
 from fedct.server.progress import follow_rounds
@@ -133,26 +135,45 @@ def flwr(settings: ServerSettings, *args: str, timeout: float = 120.0) -> dict[s
     return answer
 
 
+HOSPITAL_NODES = "hospital-nodes.json"  # STATE/: the node id Flower gave each hospital's key
+
+
 def register_hospitals(settings: ServerSettings) -> list[str]:
     """Register every hospital public key in the certs folder; returns the names registered now.
 
-    A key registered before (the database persists) is left as it is.
+    A key registered before (the database persists) is left as it is. The node id of each
+    registration is kept in ``STATE/hospital-nodes.json``: the run's allow-list
+    (server/allow_list.py) is made from it.
     """
     if settings.certs is None:
         return []
+    nodes_file = settings.state_dir / HOSPITAL_NODES
+    nodes: dict[str, str] = json.loads(nodes_file.read_text()) if nodes_file.exists() else {}
     registered = []
     for name in settings.certs.hospitals():
         key = settings.certs.hospital_public_key(name)
         answer = flwr(settings, "supernode", "register", str(key), CONNECTION, "--name", name)
         if answer.get("success"):
             registered.append(name)
+            nodes[name] = str(answer["node-id"])
         elif "already in use" not in str(answer.get("error-message", "")):
             raise DeploymentError(f"could not register hospital {name}: {answer}")
+        elif name not in nodes:
+            raise DeploymentError(
+                f"hospital {name}'s key is registered in {settings.state_dir / 'superlink.db'}"
+                f", but {nodes_file} does not say under which node id, so the server cannot "
+                "trust it: unregister it (`flwr supernode unregister`) or start from a new "
+                "state folder"
+            )
+    atomic_write_text(nodes_file, json.dumps(nodes, indent=2, sort_keys=True))
     return registered
 
 
 def submit_run(settings: ServerSettings) -> str:
     config = {**settings.run_config, "output-dir": str(settings.run_dir.resolve())}
+    nodes_file = settings.state_dir / HOSPITAL_NODES
+    if settings.certs is not None and nodes_file.exists():  # only these nodes take part
+        write_allow_list(settings.run_dir, json.loads(nodes_file.read_text()))
     overrides = write_toml(settings.state_dir / "run-config.toml", config)
     app = write_app(settings.state_dir / "app")  # the installed FedCT; no code in the bundle
     answer = flwr(settings, "run", str(app), CONNECTION, "--run-config", str(overrides))

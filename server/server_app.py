@@ -1,6 +1,7 @@
 """The Flower ServerApp: FedCT's round loop on Flower's deployment or simulation engine.
 
-Each round: select the sites (not those out of privacy budget), send them the model, sort their
+Each round: select the sites (only the hospitals' nodes of the allow-list, server/allow_list.py,
+and not those out of privacy budget), send them the model, sort their
 replies into the round's report (accepted / excluded with a reason / failed / out of budget,
 server/round_report.py), aggregate the accepted updates, let every site evaluate the new model
 and pool the results, then checkpoint and append the round to ``metrics.jsonl``. A run resumes
@@ -23,6 +24,7 @@ from fedct.common.model_file import save_model
 from fedct.common.models import build_model
 from fedct.common.training_stats import TrainingStats
 from fedct.common.weights import Weights, model_weights
+from fedct.server.allow_list import keep_allowed, read_allow_list
 from fedct.server.checkpoints import CheckpointStore, ServerState, append_metrics, read_metrics
 from fedct.server.health import RunSoFar
 from fedct.server.round_report import RoundReport, weighted_mean
@@ -69,6 +71,7 @@ def main(grid: Grid, context: Context) -> None:
         return
     stats = TrainingStats()  # what the model files record of the training data
     sites: dict[int, str] = {}  # node id -> site name, learnt from the replies
+    allowed = read_allow_list(out)  # the hospitals' nodes; None: every node (simulation)
 
     for server_round in range(first, fed.num_server_rounds + 1):
         began = time.time()
@@ -83,6 +86,10 @@ def main(grid: Grid, context: Context) -> None:
             )
             if sites.get(m.metadata.dst_node_id) not in exhausted
         ]
+        hospitals = keep_allowed(
+            (m.metadata.dst_node_id for m in train_messages), allowed, server_round=server_round
+        )
+        train_messages = [m for m in train_messages if m.metadata.dst_node_id in hospitals]
         replies = list(
             grid.send_and_receive(
                 in_transfer_dtype(train_messages, fed.transfer_dtype), timeout=fed.round_timeout
@@ -101,9 +108,13 @@ def main(grid: Grid, context: Context) -> None:
 
         evaluations = grid.send_and_receive(
             in_transfer_dtype(
-                strategy.configure_evaluate(
-                    server_round, as_record(weights), evaluation_config(stats), grid
-                ),
+                [
+                    m
+                    for m in strategy.configure_evaluate(
+                        server_round, as_record(weights), evaluation_config(stats), grid
+                    )
+                    if allowed is None or m.metadata.dst_node_id in allowed
+                ],
                 fed.transfer_dtype,
             ),
             timeout=fed.round_timeout,

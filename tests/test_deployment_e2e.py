@@ -15,6 +15,7 @@ import pytest
 
 from fedct.client.privacy import LEDGER_FILE, read_entries
 from fedct.common.audit import verify
+from fedct.server.allow_list import read_allow_list
 from fedct.simulations.loopback import LoopbackFederation
 from tests.conftest import write_tiny_site
 
@@ -97,6 +98,9 @@ def test_tls_authenticated_federation_runs_and_resumes_after_restart(
         federation.client(name)
     assert federation.wait(server, 400) == 0, federation.logs()
     assert [r["round"] for r in federation.metrics()] == [1]
+    allowed = read_allow_list(federation.state / "run")  # the hospitals' nodes, nobody else
+    assert allowed is not None
+    assert sorted(allowed.values()) == sorted(SITES)
     (record,) = federation.runs()  # what the SuperLink counted for the run
     assert record["status"] == "finished:completed"
     assert record["network-traffic"]["total-bytes"] > 0
