@@ -14,10 +14,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from fedct.common.errors import FedCTError
 from fedct.common.logs import configure_logging
+from fedct.common.version import FEDCT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,6 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
-def _version() -> str:
-    try:
-        return version("fedct")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
-
-
 def _chosen(argv: Sequence[str]) -> tuple[str, ...]:
     """The command path named in ``argv`` (skipping options), longest match first."""
     words = [a for a in argv if not a.startswith("-")]
@@ -113,7 +106,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         prog="fedct",
         description="FedCT: federated, differentially private CT diagnosis across hospitals.",
     )
-    parser.add_argument("--version", action="version", version=f"fedct {_version()}")
+    parser.add_argument("--version", action="version", version=f"fedct {FEDCT_VERSION}")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="count", default=0, help="more log detail")
     noise.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")

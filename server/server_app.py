@@ -76,20 +76,23 @@ def main(grid: Grid, context: Context) -> None:
     for server_round in range(first, fed.num_server_rounds + 1):
         began = time.time()
         report = RoundReport(server_round, exhausted)
-        train_messages = [
-            m
-            for m in strategy.configure_train(
+        offered = list(
+            strategy.configure_train(
                 server_round,
                 as_record(weights),
                 ConfigRecord({"local-epochs": fed.local_epochs}),
                 grid,
             )
-            if sites.get(m.metadata.dst_node_id) not in exhausted
-        ]
-        hospitals = keep_allowed(
-            (m.metadata.dst_node_id for m in train_messages), allowed, server_round=server_round
         )
-        train_messages = [m for m in train_messages if m.metadata.dst_node_id in hospitals]
+        hospitals = keep_allowed(
+            (m.metadata.dst_node_id for m in offered), allowed, server_round=server_round
+        )
+        train_messages = [
+            m
+            for m in offered
+            if m.metadata.dst_node_id in hospitals
+            and sites.get(m.metadata.dst_node_id) not in exhausted
+        ]
         replies = list(
             grid.send_and_receive(
                 in_transfer_dtype(train_messages, fed.transfer_dtype), timeout=fed.round_timeout
@@ -131,7 +134,8 @@ def main(grid: Grid, context: Context) -> None:
         )
         store.save(weights, state, stats=stats)
         report.details["seconds"] = round(time.time() - began, 3)
-        append_metrics(metrics_path, report.record())
+        record = report.record()
+        append_metrics(metrics_path, record)
         audit.append(
             out,
             {
@@ -146,7 +150,7 @@ def main(grid: Grid, context: Context) -> None:
                 "exhausted": sorted(report.exhausted),
             },
         )
-        history = history.after(report.record())
+        history = history.after(record)
 
     save_model(out / "final_model.safetensors", weights, fed, stats=stats)
     log.info("final global model: %s", out / "final_model.safetensors")
