@@ -4,10 +4,12 @@ and a loopback deployment of `fedct certs`, `fedct server` and two `fedct client
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,15 +66,40 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtual environment with the wheel installed by pip (dependencies resolved as a
-    hospital's IT would: from the package index or its cache); returns its bin folder."""
+    """A fresh virtual environment with the wheel installed by pip; returns its bin folder.
+
+    Its dependencies are the ones this test runs with, seen through a ``.pth`` line rather than
+    installed again (Flower aside): a second copy of torch is several GB (a CUDA build), more than a CI disk
+    may hold. Only that folder is added to the path (its own ``.pth`` files, such as the source
+    checkout's editable install, are not run), and ``pip check`` proves the wheel's declared
+    requirements are met by what the environment sees."""
     env_dir = tmp_path_factory.mktemp("venv") / "fedct"
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=300)
+    python = str(env_dir / "bin" / "python")
+    # Flower too, without its dependencies: FedCT runs Flower's executables from its own bin
+    # folder, and pip writes those only for a package it installs
+    flwr = f"flwr=={importlib.metadata.version('flwr')}"
     subprocess.run(
-        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel)],
+        [python, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel), flwr],
         check=True,
-        timeout=1200,
+        timeout=600,
     )
+    own = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    Path(own, "fedct-test-dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
+    # venv's own old setuptools would shadow the newer one torch declares
+    subprocess.run(
+        [python, "-m", "pip", "uninstall", "--quiet", "--yes", "setuptools"], check=True, timeout=300
+    )
+    checked = subprocess.run(
+        [python, "-m", "pip", "check"], capture_output=True, text=True, timeout=300
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     return env_dir / "bin"
 
 
