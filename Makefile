@@ -6,7 +6,7 @@ VENV := .venv
 INSTALLED := $(VENV)/.fedct-installed
 OUT ?= fedct-output
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast lint install proxy clean
 
 install: $(INSTALLED)
 
@@ -20,10 +20,16 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(VENV)/bin/fedct simulate --out $(OUT)
 
-test: $(INSTALLED)
+# `fedct server` puts nginx in front of the SuperLink (server/fleet_proxy.py) and the deployment
+# tests start real ones: as root on Debian/Ubuntu it comes from the OS packages (not started as a
+# service: FedCT starts its own), otherwise this says what to install.
+proxy:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || bash .ci/install-nginx
+
+test: $(INSTALLED) proxy
 	$(VENV)/bin/python -m pytest
 
-test-fast: $(INSTALLED)
+test-fast: $(INSTALLED) proxy
 	$(VENV)/bin/python -m pytest -m "not slow"
 
 # mypy cannot follow setuptools' package-dir mapping: it checks the fedct namespace through a

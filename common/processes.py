@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (the OS's choice)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 class ChildExitedError(RuntimeError):
     """A child process stopped before it was ready."""
 

@@ -41,18 +41,21 @@ def read_allow_list(run_dir: Path) -> dict[int, str] | None:
 
 
 def keep_allowed(
-    node_ids: Iterable[int], allowed: dict[int, str] | None, *, server_round: int
-) -> set[int]:
-    """The nodes among ``node_ids`` that may take part; every other one is logged."""
+    node_ids: Iterable[int], allowed: dict[int, str] | None
+) -> tuple[set[int], list[int]]:
+    """The nodes among ``node_ids`` that may take part, and the others (sorted)."""
     nodes = set(node_ids)
     if allowed is None:
-        return nodes
-    strangers = sorted(nodes - allowed.keys())
+        return nodes, []
+    return nodes & allowed.keys(), sorted(nodes - allowed.keys())
+
+
+def warn_strangers(strangers: Iterable[int], *, server_round: int) -> None:
+    """Name the connected nodes a round ignored (the round record and audit log keep them)."""
     if strangers:
         log.warning(
             "round %d: ignoring node(s) %s: connected, but not the node of a hospital whose key "
             "`fedct certs` issued (registered some other way?)",
             server_round,
-            ", ".join(map(str, strangers)),
+            ", ".join(map(str, sorted(strangers))),
         )
-    return nodes & allowed.keys()

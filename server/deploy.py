@@ -6,10 +6,16 @@ so this module does not import Flower. The server's state folder holds:
 
     superlink.db        the SuperLink's database (registered hospitals, runs)
     superlink.log       its log, and the ServerApp's
+    proxy/              nginx's configuration and logs (access.log: every hospital request)
     flwr-home/          the ``flwr`` CLI's configuration: how to reach this SuperLink
     run/                the run's output: checkpoints/, metrics.jsonl, final_model.safetensors
 
 Started again with the same state folder, the run resumes after its newest checkpoint.
+
+The SuperLink listens on loopback only; the hospitals reach its Fleet API through nginx on the
+public address (server/fleet_proxy.py), so Flower's Control and Runtime APIs, which authenticate
+nobody, are reachable from this host alone. ``proxy=False`` binds the SuperLink itself to the
+public address instead.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import json
 import logging
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +36,11 @@ from fedct.common.config import FederationConfig, app_defaults
 from fedct.common.errors import FedCTError
 from fedct.common.fileio import atomic_write_text
 from fedct.common.flower_tools import executable, flower_environment, write_toml
-from fedct.common.processes import sigterm_raises, start, stop_group, wait_for_port
+from fedct.common.processes import free_port, sigterm_raises, start, stop_group, wait_for_port
 from fedct.server.allow_list import write_allow_list
 from fedct.server.certs import CertPaths
 from fedct.server.checkpoints import read_metrics
+from fedct.server.fleet_proxy import ProxyConfig, find_nginx, write_config
 from fedct.server.progress import follow_rounds
 
 log = logging.getLogger(__name__)
@@ -49,9 +56,11 @@ class DeploymentError(FedCTError):
 class ServerSettings:
     state_dir: Path
     certs: CertPaths | None  # None: --insecure
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # the hospitals' address of this server
     port: int = 8000
     run_config: dict[str, Any] = field(default_factory=dict)  # run-config overrides
+    proxy: bool = True  # only the Fleet API on host:port, through nginx
+    superlink_port: int = 0  # with the proxy: the SuperLink's port on 127.0.0.1 (0: any free)
 
     @property
     def run_dir(self) -> Path:
@@ -62,7 +71,18 @@ class ServerSettings:
         return self.state_dir / "flwr-home"
 
     @property
+    def superlink_host(self) -> str:
+        return "127.0.0.1" if self.proxy else self.host
+
+    @property
+    def superlink_listen_port(self) -> int:
+        return self.superlink_port if self.proxy else self.port
+
+    @property
     def local_address(self) -> str:
+        """Where this host reaches the SuperLink (the ``flwr`` CLI: Control API)."""
+        if self.proxy:
+            return f"127.0.0.1:{self.superlink_port}"
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         host = "[::1]" if host == "::" else host
         return f"{host}:{self.port}"
@@ -78,9 +98,9 @@ def superlink_args(settings: ServerSettings) -> list[str]:
     args = [
         executable("flower-superlink"),
         "--host",
-        settings.host,
+        settings.superlink_host,
         "--port",
-        str(settings.port),
+        str(settings.superlink_listen_port),
         "--database",
         str(settings.state_dir / "superlink.db"),
         # hospitals and this server run a preinstalled FedCT: nothing is installed per run
@@ -211,12 +231,18 @@ def serve(settings: ServerSettings, console: Console, *, keep_running: bool = Fa
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     if settings.certs is not None:
         settings.certs.require_server_files()
+    nginx = find_nginx() if settings.proxy else None  # before anything starts
+    if settings.proxy and not settings.superlink_port:
+        settings = replace(settings, superlink_port=free_port())
     log_path = settings.state_dir / "superlink.log"
     with log_path.open("ab") as log_file, sigterm_raises():
         child = start(superlink_args(settings), log=log_file, env=flower_env(settings))
+        proxy: subprocess.Popen[bytes] | None = None
         try:
             host, port = settings.local_address.rsplit(":", 1)
             wait_for_port(host.strip("[]"), int(port), child, timeout=60.0, what="flower-superlink")
+            if nginx is not None:
+                proxy = _start_proxy(settings, nginx, log_file)
             write_flower_config(settings)
             for name in register_hospitals(settings):
                 console.print(f"registered hospital [bold]{name}[/bold]")
@@ -224,8 +250,16 @@ def serve(settings: ServerSettings, console: Console, *, keep_running: bool = Fa
                 console.print(f"stopped run {stale}, left unfinished by a previous server")
             run_id = submit_run(settings)
             console.print(
-                f"FedCT run {run_id} started on {settings.local_address} "
-                f"({fed.num_server_rounds} rounds); output in {settings.run_dir}"
+                f"FedCT run {run_id} started ({fed.num_server_rounds} rounds); output in "
+                f"{settings.run_dir}"
+            )
+            public = f"{settings.host}:{settings.port}"
+            console.print(
+                f"hospitals connect to {public} (Flower's Fleet API only, through nginx); "
+                f"Control and Runtime APIs on {settings.local_address}, this host only"
+                if proxy is not None
+                else f"hospitals connect to {public}; Flower's Control and Runtime APIs are "
+                "open on the same port (--no-proxy)"
             )
             status = _follow(settings, run_id, fed, console, child)
             _save_run_record(settings, run_status(settings, run_id))
@@ -234,7 +268,36 @@ def serve(settings: ServerSettings, console: Console, *, keep_running: bool = Fa
                 child.wait()
             return status
         finally:
+            if proxy is not None:
+                stop_group(proxy)
             stop_group(child)
+
+
+def _start_proxy(settings: ServerSettings, nginx: str, log_file: Any) -> subprocess.Popen[bytes]:
+    c = settings.certs
+    cfg = ProxyConfig(
+        public_host=settings.host,
+        public_port=settings.port,
+        upstream_port=settings.superlink_port,
+        folder=(settings.state_dir / "proxy").resolve(),
+        server_cert=c.server_cert.resolve() if c else None,
+        server_key=c.server_key.resolve() if c else None,
+        ca_cert=c.ca_cert.resolve() if c else None,
+    )
+    write_config(cfg)
+    proxy = start(cfg.command(nginx), log=log_file)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host.strip("[]")
+    host = "::1" if host == "::" else host
+    try:
+        wait_for_port(host, settings.port, proxy, timeout=30.0, what="nginx")
+    except Exception as err:
+        stop_group(proxy)
+        error_log = cfg.folder / "error.log"
+        said = error_log.read_text(errors="replace")[-800:] if error_log.exists() else ""
+        raise DeploymentError(
+            f"nginx did not start on {settings.host}:{settings.port}: {err}\n{said}"
+        ) from err
+    return proxy
 
 
 def _save_run_record(settings: ServerSettings, status: dict[str, Any]) -> None:

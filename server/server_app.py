@@ -1,7 +1,8 @@
 """The Flower ServerApp: FedCT's round loop on Flower's deployment or simulation engine.
 
-Each round: select the sites (only the hospitals' nodes of the allow-list, server/allow_list.py,
-and not those out of privacy budget), send them the model, sort their
+Each round: select the sites (only the hospitals' nodes of the allow-list, server/allow_list.py:
+Flower's strategies sample from a view of the grid that lists no other node; and not those out of
+privacy budget), send them the model, sort their
 replies into the round's report (accepted / excluded with a reason / failed / out of budget,
 server/round_report.py), aggregate the accepted updates, let every site evaluate the new model
 and pool the results, then checkpoint and append the round to ``metrics.jsonl``. A run resumes
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
@@ -24,7 +27,7 @@ from fedct.common.model_file import save_model
 from fedct.common.models import build_model
 from fedct.common.training_stats import TrainingStats
 from fedct.common.weights import Weights, model_weights
-from fedct.server.allow_list import keep_allowed, read_allow_list
+from fedct.server.allow_list import keep_allowed, read_allow_list, warn_strangers
 from fedct.server.checkpoints import CheckpointStore, ServerState, append_metrics, read_metrics
 from fedct.server.health import RunSoFar
 from fedct.server.round_report import RoundReport, weighted_mean
@@ -43,6 +46,25 @@ from fedct.server.strategy import (
 log = logging.getLogger(__name__)
 
 app = ServerApp()
+
+
+class HospitalsOnly:
+    """``grid`` as the strategy sees it: ``get_node_ids`` lists only the allow-list's nodes, so
+    Flower's strategies sample, and wait for ``min-sites``, among the hospitals alone; a
+    stranger can never take a hospital's place. Every other call goes to ``grid``."""
+
+    def __init__(self, grid: Grid, allowed: dict[int, str] | None) -> None:
+        self._grid = grid
+        self._allowed = allowed
+        self.strangers: set[int] = set()  # seen since the last reset
+
+    def get_node_ids(self) -> Iterable[int]:
+        kept, strangers = keep_allowed(self._grid.get_node_ids(), self._allowed)
+        self.strangers.update(strangers)
+        return kept
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 @app.main()
@@ -72,27 +94,20 @@ def main(grid: Grid, context: Context) -> None:
     stats = TrainingStats()  # what the model files record of the training data
     sites: dict[int, str] = {}  # node id -> site name, learnt from the replies
     allowed = read_allow_list(out)  # the hospitals' nodes; None: every node (simulation)
+    hospitals_only = HospitalsOnly(grid, allowed)
+    view = cast(Grid, hospitals_only)
 
     for server_round in range(first, fed.num_server_rounds + 1):
         began = time.time()
         report = RoundReport(server_round, exhausted)
-        offered = list(
-            strategy.configure_train(
-                server_round,
-                as_record(weights),
-                ConfigRecord({"local-epochs": fed.local_epochs}),
-                grid,
-            )
+        hospitals_only.strangers.clear()
+        offered = strategy.configure_train(
+            server_round,
+            as_record(weights),
+            ConfigRecord({"local-epochs": fed.local_epochs}),
+            view,
         )
-        hospitals = keep_allowed(
-            (m.metadata.dst_node_id for m in offered), allowed, server_round=server_round
-        )
-        train_messages = [
-            m
-            for m in offered
-            if m.metadata.dst_node_id in hospitals
-            and sites.get(m.metadata.dst_node_id) not in exhausted
-        ]
+        train_messages = [m for m in offered if sites.get(m.metadata.dst_node_id) not in exhausted]
         replies = list(
             grid.send_and_receive(
                 in_transfer_dtype(train_messages, fed.transfer_dtype), timeout=fed.round_timeout
@@ -111,13 +126,11 @@ def main(grid: Grid, context: Context) -> None:
 
         evaluations = grid.send_and_receive(
             in_transfer_dtype(
-                [
-                    m
-                    for m in strategy.configure_evaluate(
-                        server_round, as_record(weights), evaluation_config(stats), grid
+                list(
+                    strategy.configure_evaluate(
+                        server_round, as_record(weights), evaluation_config(stats), view
                     )
-                    if allowed is None or m.metadata.dst_node_id in allowed
-                ],
+                ),
                 fed.transfer_dtype,
             ),
             timeout=fed.round_timeout,
@@ -129,6 +142,9 @@ def main(grid: Grid, context: Context) -> None:
             stats=stats,
         )
 
+        warn_strangers(hospitals_only.strangers, server_round=server_round)
+        if hospitals_only.strangers:
+            report.details["ignored-nodes"] = [str(n) for n in sorted(hospitals_only.strangers)]
         state = ServerState(
             server_round, fed.strategy, sorted(exhausted), optimizer_state(strategy)
         )
@@ -148,6 +164,7 @@ def main(grid: Grid, context: Context) -> None:
                 "excluded": report.excluded,
                 "failed": report.failed,
                 "exhausted": sorted(report.exhausted),
+                "ignored-nodes": report.details.get("ignored-nodes", []),
             },
         )
         history = history.after(record)

@@ -26,8 +26,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no TLS and no SuperNode authentication (only for tests on a trusted network)",
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
-    parser.add_argument("--port", type=int, default=8000, help="SuperLink port (default 8000)")
+    parser.add_argument(
+        "--host", default="0.0.0.0", help="the hospitals' address to listen on (default all)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="the hospitals' port (default 8000)")
+    parser.add_argument(
+        "--superlink-port",
+        type=int,
+        default=0,
+        help="the SuperLink's own port on 127.0.0.1, behind nginx (default: any free port)",
+    )
+    parser.add_argument(
+        "--no-proxy",
+        action="store_true",
+        help="no nginx: the SuperLink itself listens on --host/--port, with Flower's Control "
+        "and Runtime APIs (which authenticate nobody) open there too",
+    )
     parser.add_argument("--rounds", type=int, help="federated rounds")
     parser.add_argument(
         "--set",
@@ -74,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         run_config=overrides,
+        proxy=not args.no_proxy,
+        superlink_port=args.superlink_port,
     )
     console = Console(stderr=True)
     serve(settings, console, keep_running=args.keep_running)

@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from fedct.common.processes import start, stop_group
+from fedct.common.processes import free_port, start, stop_group
 from fedct.server.certs import create
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LoopbackFederation:
@@ -58,8 +51,10 @@ class LoopbackFederation:
         where = ["--host", "127.0.0.1", "--port", str(self.port)]
         return self._fedct([*base, *where, *args], "server")
 
-    def client(self, name: str) -> subprocess.Popen[bytes]:
-        """Start (or start again) hospital ``name``'s `fedct client`."""
+    def client(self, name: str, key: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start (or start again) hospital ``name``'s `fedct client` (with ``key``: another
+        private key than the one `fedct certs` issued for it)."""
+        self.runtime_ports.setdefault(name, free_port())
         child = self._fedct(
             [
                 "client",
@@ -74,7 +69,7 @@ class LoopbackFederation:
                 "--ca",
                 str(self.certs / "ca.crt"),
                 "--key",
-                str(self.certs / "hospitals" / f"{name}.key"),
+                str(key or self.certs / "hospitals" / f"{name}.key"),
                 "--runtime-port",
                 str(self.runtime_ports[name]),
                 "--retry-wait",

@@ -46,10 +46,22 @@ def test_superlink_is_secure_unless_told_otherwise(tmp_path: Path) -> None:
     assert "--insecure" not in secure
     assert "--ssl-certfile" in secure
     assert "--disable-runtime-dependency-installation" in secure
-    insecure = ServerSettings(tmp_path / "s", None, host="0.0.0.0", port=9100)
+    insecure = ServerSettings(tmp_path / "s", None, host="0.0.0.0", port=9100, proxy=False)
     assert "--insecure" in superlink_args(insecure)
     config = tomllib.loads(write_flower_config(insecure).read_text())
     assert config["superlink"]["fedct"] == {"address": "127.0.0.1:9100", "insecure": True}
+
+
+def test_behind_the_proxy_the_superlink_listens_on_loopback_only(tmp_path: Path) -> None:
+    create(tmp_path / "c", [], [])
+    settings = ServerSettings(
+        tmp_path / "s", CertPaths(tmp_path / "c"), host="0.0.0.0", port=9100, superlink_port=9200
+    )
+    args = superlink_args(settings)
+    assert args[args.index("--host") + 1] == "127.0.0.1"
+    assert args[args.index("--port") + 1] == "9200"
+    config = tomllib.loads(write_flower_config(settings).read_text())
+    assert config["superlink"]["fedct"]["address"] == "127.0.0.1:9200"  # the flwr CLI: local
 
 
 def test_server_refuses_to_start_without_certs_or_insecure(

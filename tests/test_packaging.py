@@ -68,11 +68,11 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment with the wheel installed by pip; returns its bin folder.
 
-    Its dependencies are the ones this test runs with, seen through a ``.pth`` line rather than
-    installed again (Flower aside): a second copy of torch is several GB (a CUDA build), more than a CI disk
-    may hold. Only that folder is added to the path (its own ``.pth`` files, such as the source
-    checkout's editable install, are not run), and ``pip check`` proves the wheel's declared
-    requirements are met by what the environment sees."""
+    Its dependencies are the ones this test runs with, seen through a ``.pth`` line rather
+    than installed again (Flower aside): a second copy of torch is several GB (a CUDA build),
+    more than a CI disk may hold. Only that folder is added to the path (its own ``.pth``
+    files, such as the source checkout's editable install, are not run), and ``pip check``
+    proves the wheel's declared requirements are met by what the environment sees."""
     env_dir = tmp_path_factory.mktemp("venv") / "fedct"
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=300)
     python = str(env_dir / "bin" / "python")
@@ -94,7 +94,9 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     Path(own, "fedct-test-dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
     # venv's own old setuptools would shadow the newer one torch declares
     subprocess.run(
-        [python, "-m", "pip", "uninstall", "--quiet", "--yes", "setuptools"], check=True, timeout=300
+        [python, "-m", "pip", "uninstall", "--quiet", "--yes", "setuptools"],
+        check=True,
+        timeout=300,
     )
     checked = subprocess.run(
         [python, "-m", "pip", "check"], capture_output=True, text=True, timeout=300
