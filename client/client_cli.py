@@ -40,9 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="local port for this SuperNode's app processes (default 9094; one per SuperNode)",
     )
     parser.add_argument(
-        "--trusted-entities",
-        type=Path,
-        help="Flower's YAML of public keys whose signed app bundles this hospital runs",
+        "--cold",
+        action="store_true",
+        help="run each task in Flower's own fresh flwr-clientapp process (no warm executor "
+        "and no bundle check before Flower loads the app)",
     )
     parser.add_argument(
         "--retry-wait",
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             "give --ca ca.crt and --key NAME.key (from the federation's `fedct certs`), "
             "or --insecure for a test on a trusted network"
         )
-    for path in (args.ca, args.key, args.trusted_entities):
+    for path in (args.ca, args.key):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path} does not exist")
     if args.insecure:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         dp=not args.no_dp,
     )
     settings = NodeSettings(
-        site, args.superlink, args.ca, args.key, args.runtime_port, args.trusted_entities
+        site, args.superlink, args.ca, args.key, args.runtime_port, warm=not args.cold
     )
     log.info("checking %s before joining ...", args.data)
     log.info("site %s: %s", args.site, check_site(settings))

@@ -3,6 +3,10 @@
 The hospital's own settings (site name, data folder, state folder, privacy budget) go into the
 SuperNode's node config, which the server can neither read nor change. Flower is started as its
 own executable (``flower-supernode``), so this module does not import Flower.
+
+By default the SuperNode runs with ``--isolation process`` and FedCT's own SuperExec beside it
+(client/site_executor.py): it checks each run's app bundle before anything of it executes and
+forks each task from a process that has PyTorch and FedCT imported already.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class NodeSettings:
     ca_cert: Path | None  # None with key None: --insecure
     auth_key: Path | None
     runtime_port: int = 9094  # this SuperNode's local port for its ClientApp processes
-    trusted_entities: Path | None = None  # only run app bundles signed by these keys
+    warm: bool = True  # FedCT's checking, warm executor; False: Flower's flwr-clientapp per task
 
     @property
     def state_dir(self) -> Path:
@@ -79,8 +83,8 @@ def supernode_args(settings: NodeSettings) -> list[str]:
         "--port",
         str(settings.runtime_port),
     ]
-    if settings.trusted_entities is not None:
-        args += ["--trusted-entities", str(settings.trusted_entities.resolve())]
+    if settings.warm:
+        args += ["--isolation", "process"]  # tasks go to site_executor_args' process
     if settings.ca_cert is None or settings.auth_key is None:
         return [*args, "--insecure"]
     return [
@@ -89,6 +93,19 @@ def supernode_args(settings: NodeSettings) -> list[str]:
         str(settings.ca_cert.resolve()),
         "--auth-supernode-private-key",
         str(settings.auth_key.resolve()),
+    ]
+
+
+def site_executor_args(settings: NodeSettings) -> list[str]:
+    """FedCT's SuperExec for this SuperNode (client/site_executor.py)."""
+    return [
+        sys.executable,
+        "-m",
+        "fedct.client.site_executor",
+        "--runtime-api-address",
+        f"127.0.0.1:{settings.runtime_port}",
+        "--state",
+        str(settings.state_dir.resolve()),
     ]
 
 
@@ -104,10 +121,19 @@ def run_node(settings: NodeSettings, *, retry_wait_s: float = 15.0) -> int:
     While the SuperLink cannot be reached (or has not registered this hospital yet) the
     SuperNode is started again every ``retry_wait_s`` seconds, so hospitals may start first.
     """
+    # Flower unpacks each run's app under FLWR_HOME: keep that in the site's state folder
+    env = flower_environment(FLWR_HOME=str(settings.state_dir.resolve() / "flwr-home"))
+    executor = start(site_executor_args(settings), env=env) if settings.warm else None
+    try:
+        return _supervise(settings, env, retry_wait_s)
+    finally:
+        if executor is not None:
+            stop_group(executor)
+
+
+def _supervise(settings: NodeSettings, env: dict[str, str], retry_wait_s: float) -> int:
     with sigterm_raises():
         while True:
-            # Flower unpacks each run's app under FLWR_HOME: keep that in the site's state folder
-            env = flower_environment(FLWR_HOME=str(settings.state_dir.resolve() / "flwr-home"))
             child = start(supernode_args(settings), log=subprocess.PIPE, env=env)
             seen: list[bool] = []
             # a thread: the SuperNode's own children (SuperExec) may hold the pipe open after

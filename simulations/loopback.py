@@ -24,9 +24,11 @@ class LoopbackFederation:
         *,
         retry_wait_s: float = 2.0,
         python: str = sys.executable,
+        cold: bool = False,
     ) -> None:
         self.root = root
         self.python = python  # whose FedCT runs: e.g. a wheel installed in another environment
+        self.cold = cold  # hospitals run Flower's flwr-clientapp per task (`fedct client --cold`)
         self.data = data
         self.certs = root / "certs"
         self.state = root / "server"
@@ -74,6 +76,7 @@ class LoopbackFederation:
                 str(self.runtime_ports[name]),
                 "--retry-wait",
                 str(self.retry_wait_s),
+                *(["--cold"] if self.cold else []),
             ],
             f"client-{name}",
         )

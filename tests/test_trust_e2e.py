@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from fedct.common.app_bundle import write_app
+from fedct.common.audit import AuditError, verify
 from fedct.common.flower_tools import executable, flower_environment
 from fedct.server.certs import create
 from tests.test_deployment_e2e import SITES, Federation
@@ -134,3 +135,114 @@ def test_a_stranger_with_the_ca_certificate_gets_nowhere(
     access = (federation.state / "proxy" / "access.log").read_text()
     assert "/v1/control/" in access  # tried, and answered 404
     assert "/v1/runtime/" in access
+
+
+EVIL_PROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "evil"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "stranger"
+
+[tool.flwr.app.components]
+serverapp = "evil:server"
+clientapp = "evil:client"
+
+[tool.flwr.app.config]
+"""
+
+# a ClientApp that leaves a marker file with its node config (the data folder among it) when
+# it is imported at a hospital (whose FLWR_HOME lies in its state folder under sites/; the
+# ServerApp imports this module too, on the server host) and when it handles a message; its
+# ServerApp sends one to every node
+EVIL_CODE = """\
+import os
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+MARKER = Path({marker!r})
+if "/sites/" in os.environ.get("FLWR_HOME", ""):
+    MARKER.write_text("imported at a hospital")
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.query()
+def query(msg: Message, context: Context) -> Message:
+    MARKER.write_text(str(dict(context.node_config)))
+    return Message(RecordDict({{"r": ConfigRecord({{"ok": 1}})}}), reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    nodes = list(grid.get_node_ids())
+    ask = RecordDict({{"q": ConfigRecord({{"x": 1}})}})
+    msgs = [Message(ask, dst_node_id=n, message_type="query") for n in nodes]
+    list(grid.send_and_receive(msgs, timeout=180))
+"""
+
+
+def _audit(state: Path) -> list[dict[str, Any]]:
+    path = state / "audit.jsonl"
+    return [json.loads(line) for line in path.open()] if path.exists() else []
+
+
+def test_a_run_whose_bundle_carries_code_is_refused_at_every_hospital(
+    federation: Federation,
+) -> None:
+    marker = federation.root / "marker.txt"
+    evil = federation.root / "evil-app"
+    evil.mkdir()
+    (evil / "pyproject.toml").write_text(EVIL_PROJECT)
+    (evil / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
+
+    server = federation.server("--rounds", "1", "--keep-running")
+    for name in SITES:
+        federation.client(name)
+    server_log = federation.root / "server.log"
+    _wait_for(
+        "the FedCT run to finish",
+        lambda: "SuperLink keeps running" in server_log.read_text(errors="replace"),
+        federation,
+        timeout=400,
+    )
+    assert server.poll() is None
+
+    # submitted on the server host itself: a compromised or careless coordinator
+    submitted = _flwr(federation.state / "flwr-home", "run", str(evil), "fedct")
+    assert submitted.get("success"), submitted
+    evil_run = int(submitted["run-id"])
+
+    def refused_everywhere() -> bool:
+        return all(
+            any(r.get("run-id") == evil_run and r.get("status") == "refused" for r in _audit(s))
+            for s in map(federation.site_state, SITES)
+        )
+
+    _wait_for("both hospitals to refuse the bundle", refused_everywhere, federation, 240)
+    assert not marker.exists()  # its code never ran at a hospital
+    for name in SITES:
+        state = federation.site_state(name)
+        (refusal,) = [r for r in _audit(state) if r.get("run-id") == evil_run]
+        assert "carries files besides FedCT's pyproject.toml (evil.py" in refusal["reason"]
+        summary = verify(state)
+        assert summary.kinds["run"] == 1
+        assert summary.kinds["train"] == 1  # FedCT's own run went through the same executor
+    assert all(c.poll() is None for c in federation.clients.values())
+
+    log_path = federation.site_state(SITES[0]) / "audit.jsonl"
+    text = log_path.read_text()  # hide the refusal: the chain no longer holds
+    assert text.count('"status": "refused"') == 1
+    log_path.write_text(text.replace('"status": "refused"', '"status": "accepted"'))
+    with pytest.raises(AuditError):
+        verify(federation.site_state(SITES[0]))

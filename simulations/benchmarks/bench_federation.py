@@ -2,11 +2,13 @@
 
 1. ``deployment``: `fedct server` + one `fedct client` per synthetic hospital (TLS, SuperNode
    authentication), ResNet-18 at the default settings, once per transfer dtype (float32, then
-   float16, same data and seed). Per round: the training phase's wall time (model sent -> every
-   reply in), the slowest site's local step (its ClientApp handler: data from the cache, model,
-   DP training, ledger) and local training alone, and the difference (the federation's overhead:
-   ClientApp process start, serialization, transfer, hashing). Per run: bytes on the wire as the
-   SuperLink counts them, and the final pooled AUROC.
+   float16, same data and seed), with FedCT's warm site executor and with Flower's cold
+   ``flwr-clientapp`` per task (``fedct client --cold``), side by side. Per round: the
+   training phase's wall time (model sent -> every reply in), the slowest site's local step
+   (its ClientApp handler: data from the cache, model, DP training, ledger) and local training
+   alone, and the difference (the federation's overhead: ClientApp process start,
+   serialization, transfer, hashing). Per run: bytes on the wire as the SuperLink counts them,
+   and the final pooled AUROC.
 2. ``aggregation``: FedCT's FedAvg (update validation, then the weighted mean summed from the
    validated views, server/aggregate.py) over 10, 100 and 1000 ResNet-18-sized updates:
    seconds, GB/s of updates, and the server's peak memory growth during aggregation; and, side
@@ -39,24 +41,27 @@ from fedct.simulations.loopback import LoopbackFederation
 from fedct.simulations.synth import SynthSettings, write_hospitals
 
 
-def deployment(rounds: int, scale: float, dtypes: list[str]) -> dict[str, Any]:
+def deployment(
+    rounds: int, scale: float, dtypes: list[str], executors: list[str]
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedct-bench-") as tmp:
         sites = write_hospitals(
             Path(tmp) / "data", SynthSettings(sites=3, scale=scale), progress=False
         )
-        for dtype in dtypes:
-            root = Path(tmp) / dtype
+        for executor, dtype in ((e, d) for e in executors for d in dtypes):
+            label = f"{executor}-{dtype}"
+            root = Path(tmp) / label
             root.mkdir()
-            fed = LoopbackFederation(root, {s.name: s for s in sites})
+            fed = LoopbackFederation(root, {s.name: s for s in sites}, cold=executor == "cold")
             try:
                 server = fed.server("--rounds", str(rounds), "--set", f"transfer-dtype={dtype}")
                 for name in fed.data:
                     fed.client(name)
                 code = server.wait(timeout=3600)
                 if code != 0:
-                    raise RuntimeError(f"the {dtype} run failed:\n{fed.logs()}")
-                results[dtype] = _summarize(fed.metrics(), fed.runs()[-1])
+                    raise RuntimeError(f"the {label} run failed:\n{fed.logs()}")
+                results[label] = _summarize(fed.metrics(), fed.runs()[-1])
             finally:
                 fed.stop()
     return results
@@ -163,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="synthetic patients scale")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    parser.add_argument(
+        "--executors",
+        nargs="+",
+        choices=["warm", "cold"],
+        default=["warm", "cold"],
+        help="warm: FedCT's site executor (the default); cold: Flower's flwr-clientapp per task",
+    )
     parser.add_argument("--counts", nargs="+", type=int, default=[10, 100, 1000])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -180,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['flower_fedavg_alone_gb_per_s']} GB/s"
             )
     if args.part in ("deployment", "all"):
-        out["deployment"] = deployment(args.rounds, args.scale, args.dtypes)
+        out["deployment"] = deployment(args.rounds, args.scale, args.dtypes, args.executors)
         for dtype, r in out["deployment"].items():
             print(
                 f"{dtype}: {r['bytes_total'] / 1e6:.1f} MB on the wire "
