@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
 
     executor = WarmExecutor(args.state.resolve())
     # Flower's loop, our executor: its factory is the one name to replace
-    superexec.get_executor = lambda *_a, **_k: executor  # type: ignore[assignment]
+    superexec.get_executor = lambda *_a, **_k: executor
     superexec.run_superexec(
         runtime_api_address=args.runtime_api_address,
         insecure=True,  # the SuperNode's Runtime API listens on this host's loopback only
