@@ -29,12 +29,17 @@ from fedct.common.errors import FedCTError
 from fedct.common.version import FEDCT_VERSION
 
 APPROVED_BUNDLES = "approved-bundles.txt"  # in the site's state folder; optional
+BUNDLE_HASH_ENV = "FEDCT_BUNDLE_SHA256"  # set in a task's process once its bundle passed
 ALLOWED_FILES = ("pyproject.toml",)
 MANIFEST_FOLDER = ".info/"  # Flower's own CONTENT manifest
 
 
 class BundleRefusedError(FedCTError):
     """This hospital does not execute the run's app bundle; the message says why."""
+
+    def __init__(self, message: str, sha256: str = "") -> None:
+        super().__init__(message)
+        self.sha256 = sha256
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ def read_bundle(content: bytes) -> Bundle:
             project = tomllib.loads(fab.read("pyproject.toml").decode())
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise BundleRefusedError(
-            f"bundle {digest[:12]} is not a readable app bundle: {err}"
+            f"bundle {digest[:12]} is not a readable app bundle: {err}", digest
         ) from None
     app = project.get("tool", {}).get("flwr", {}).get("app", {})
     return Bundle(
@@ -92,22 +97,29 @@ def check_bundle(content: bytes, state_dir: Path) -> Bundle:
         shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
         raise BundleRefusedError(
             f"{name} carries files besides FedCT's pyproject.toml ({shown}): this hospital "
-            "executes only its installed FedCT, never code shipped with a run"
+            "executes only its installed FedCT, never code shipped with a run",
+            bundle.sha256,
         )
     if bundle.clientapp != CLIENT_APP:
         raise BundleRefusedError(
             f"{name} asks to run clientapp {bundle.clientapp!r}; this hospital runs only the "
-            f"installed FedCT ClientApp ({CLIENT_APP})"
+            f"installed FedCT ClientApp ({CLIENT_APP})",
+            bundle.sha256,
         )
     if bundle.fedct_version != FEDCT_VERSION:
         raise BundleRefusedError(
             f"{name} was made by FedCT {bundle.fedct_version or '(unknown)'}; this hospital has "
-            f"FedCT {FEDCT_VERSION}: both sides must run the same version"
+            f"FedCT {FEDCT_VERSION}: both sides must run the same version",
+            bundle.sha256,
         )
-    pinned = approved_hashes(state_dir)
+    try:
+        pinned = approved_hashes(state_dir)
+    except BundleRefusedError as err:
+        raise BundleRefusedError(str(err), bundle.sha256) from None
     if pinned is not None and bundle.sha256 not in pinned:
         raise BundleRefusedError(
             f"{name} ({bundle.sha256}) is not in {state_dir / APPROVED_BUNDLES}; add its hash "
-            "there to accept it"
+            "there to accept it",
+            bundle.sha256,
         )
     return bundle

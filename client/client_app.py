@@ -8,12 +8,14 @@ simulation, from the driver that stands in for the sites), never from the server
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedct.client.bundle_check import BUNDLE_HASH_ENV
 from fedct.client.rounds import Metrics, evaluate_round, train_round
 from fedct.common import audit
 from fedct.common.config import FederationConfig, SiteConfig
@@ -65,6 +67,8 @@ def _audit(
             "round": server_round,
             "fedct-version": FEDCT_VERSION,
             "config-digest": audit.config_digest(context.run_config),
+            # set by FedCT's site executor once it checked the bundle (absent with --cold)
+            "bundle-sha256": os.environ.get(BUNDLE_HASH_ENV),
             "status": str(content.config_records["site"]["status"]),
             "sent": {
                 "arrays-bytes": sum(len(a.data) for a in arrays.values()) if arrays else 0,

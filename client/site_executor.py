@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedct.client.bundle_check import BundleRefusedError, check_bundle
+from fedct.client.bundle_check import BUNDLE_HASH_ENV, BundleRefusedError, check_bundle
 from fedct.common import audit
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,13 @@ def _refuse(state_dir: Path, err: BundleRefusedError, run_id: int | None) -> Non
     log.error("refused the run's app bundle: %s", err)
     audit.append(
         state_dir,
-        {"kind": "run", "run-id": run_id, "status": "refused", "reason": str(err)},
+        {
+            "kind": "run",
+            "run-id": run_id,
+            "status": "refused",
+            "bundle-sha256": err.sha256,
+            "reason": str(err),
+        },
     )
 
 
@@ -74,10 +80,12 @@ def run_task(
 
     def checked_unpack(content: bytes, *args: Any, **kwargs: Any) -> Any:
         try:
-            check_bundle(content, Path(state_dir))
+            bundle = check_bundle(content, Path(state_dir))
         except BundleRefusedError as err:
             _refuse(Path(state_dir), err, TaskIdentity.run_id)
             raise
+        # this task's process only: the ClientApp's audit record names the bundle it ran
+        os.environ[BUNDLE_HASH_ENV] = bundle.sha256
         return unpack(content, *args, **kwargs)
 
     runner.install_from_fab = checked_unpack  # type: ignore[assignment]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import subprocess
 import time
 from dataclasses import dataclass, field, replace
@@ -34,7 +36,7 @@ from fedct.common import json_text
 from fedct.common.app_bundle import write_app
 from fedct.common.config import FederationConfig, app_defaults
 from fedct.common.errors import FedCTError
-from fedct.common.fileio import atomic_write_text
+from fedct.common.fileio import atomic_write, atomic_write_text
 from fedct.common.flower_tools import executable, flower_environment, write_toml
 from fedct.common.processes import free_port, sigterm_raises, start, stop_group, wait_for_port
 from fedct.server.allow_list import write_allow_list
@@ -71,6 +73,10 @@ class ServerSettings:
         return self.state_dir / "flwr-home"
 
     @property
+    def superexec_secret(self) -> Path:
+        return self.state_dir / "superexec.secret"
+
+    @property
     def superlink_host(self) -> str:
         return "127.0.0.1" if self.proxy else self.host
 
@@ -105,6 +111,12 @@ def superlink_args(settings: ServerSettings) -> list[str]:
         str(settings.state_dir / "superlink.db"),
         # hospitals and this server run a preinstalled FedCT: nothing is installed per run
         "--disable-runtime-dependency-installation",
+        # the ServerApp is launched by our own flower-superexec (superexec_args), which alone
+        # holds the secret that Runtime API task requests must be signed with
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(settings.superexec_secret),
     ]
     if settings.certs is None:
         return [*args, "--insecure"]
@@ -119,6 +131,31 @@ def superlink_args(settings: ServerSettings) -> list[str]:
         str(c.server_key),
         "--enable-supernode-auth",
     ]
+
+
+def superexec_args(settings: ServerSettings) -> list[str]:
+    """Flower's SuperExec for the ServerApp: takes the run's tasks from the SuperLink's Runtime
+    API with the shared secret (nobody else can acquire one) and starts ``flwr-serverapp``."""
+    args = [
+        executable("flower-superexec"),
+        "--runtime-api-address",
+        settings.local_address,
+        "--superexec-auth-secret-file",
+        str(settings.superexec_secret),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    if settings.certs is None:
+        return [*args, "--insecure"]
+    return [*args, "--root-certificates", str(settings.certs.ca_cert.resolve())]
+
+
+def write_superexec_secret(settings: ServerSettings) -> Path:
+    """A random secret shared by the SuperLink and its SuperExec, readable by this user only."""
+    path = settings.superexec_secret
+    if not path.exists():
+        atomic_write(path, lambda tmp: tmp.write_bytes(secrets.token_bytes(32)), mode=0o600)
+    return path
 
 
 def write_flower_config(settings: ServerSettings) -> Path:
@@ -235,12 +272,15 @@ def serve(settings: ServerSettings, console: Console, *, keep_running: bool = Fa
     if settings.proxy and not settings.superlink_port:
         settings = replace(settings, superlink_port=free_port())
     log_path = settings.state_dir / "superlink.log"
+    write_superexec_secret(settings)
     with log_path.open("ab") as log_file, sigterm_raises():
         child = start(superlink_args(settings), log=log_file, env=flower_env(settings))
         proxy: subprocess.Popen[bytes] | None = None
+        superexec: subprocess.Popen[bytes] | None = None
         try:
             host, port = settings.local_address.rsplit(":", 1)
             wait_for_port(host.strip("[]"), int(port), child, timeout=60.0, what="flower-superlink")
+            superexec = start(superexec_args(settings), log=log_file, env=flower_env(settings))
             if nginx is not None:
                 proxy = _start_proxy(settings, nginx, log_file)
             write_flower_config(settings)
@@ -268,8 +308,9 @@ def serve(settings: ServerSettings, console: Console, *, keep_running: bool = Fa
                 child.wait()
             return status
         finally:
-            if proxy is not None:
-                stop_group(proxy)
+            for process in (proxy, superexec):
+                if process is not None:
+                    stop_group(process)
             stop_group(child)
 
 

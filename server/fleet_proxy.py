@@ -88,7 +88,10 @@ def render(cfg: ProxyConfig) -> str:
         "error_log error.log warn;",
         "events { worker_connections 256; }",
         "http {",
-        "  access_log access.log;",
+        # who, when (ms), which Fleet call, status, bytes each way and seconds taken
+        '  log_format fleet \'$remote_addr [$time_iso8601 $msec] "$request" $status '
+        "$request_length $body_bytes_sent $request_time';",
+        "  access_log access.log fleet;",
         "  client_body_temp_path tmp/body;",
         "  proxy_temp_path tmp/proxy;",
         "  fastcgi_temp_path tmp/fastcgi;",

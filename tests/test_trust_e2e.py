@@ -11,12 +11,14 @@ import re
 import ssl
 import subprocess
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
 
 from fedct.common.app_bundle import write_app
 from fedct.common.audit import AuditError, verify
@@ -100,6 +102,20 @@ def test_a_stranger_with_the_ca_certificate_gets_nowhere(
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, context=context, timeout=30)
     assert refused.value.code == 404
+    # on the server host itself, the Runtime API hands tasks only to requests signed with the
+    # SuperExec secret of STATE/superexec.secret
+    local = tomllib.loads((federation.state / "flwr-home" / "config.toml").read_text())
+    address = local["superlink"]["fedct"]["address"]
+    asked = AcquireTaskRequest(supported_task_types=["flwr-serverapp"]).SerializeToString()
+    request = urllib.request.Request(
+        f"https://{address}/v1/runtime/acquire-task",
+        data=asked,
+        headers={"content-type": "application/protobuf"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=context, timeout=30)
+    assert refused.value.code in (401, 403), refused.value.code
     request = urllib.request.Request(f"https://{public}/v1/fleet/get-run", method="GET")
     with pytest.raises(urllib.error.HTTPError) as refused:  # only POST, as SuperNodes send
         urllib.request.urlopen(request, context=context, timeout=30)
@@ -235,6 +251,9 @@ def test_a_run_whose_bundle_carries_code_is_refused_at_every_hospital(
         state = federation.site_state(name)
         (refusal,) = [r for r in _audit(state) if r.get("run-id") == evil_run]
         assert "carries files besides FedCT's pyproject.toml (evil.py" in refusal["reason"]
+        (fedct_train,) = [r for r in _audit(state) if r["kind"] == "train"]
+        assert len(fedct_train["bundle-sha256"]) == 64  # the checked bundle it ran
+        assert refusal["bundle-sha256"] not in (fedct_train["bundle-sha256"], "")
         summary = verify(state)
         assert summary.kinds["run"] == 1
         assert summary.kinds["train"] == 1  # FedCT's own run went through the same executor
