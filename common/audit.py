@@ -17,11 +17,13 @@ counts, metric names - never a value that identifies a patient) and the privacy 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from fedct.common.fileio import atomic_write_text
 
 AUDIT_FILE = "audit.jsonl"
 HEAD_FILE = "audit.head"
+LOCK_FILE = "audit.lock"
 GENESIS = "0" * 64
 
 
@@ -53,6 +56,23 @@ def config_digest(config: Mapping[str, Any]) -> str:
 def append(state_dir: Path, event: Mapping[str, Any]) -> dict[str, Any]:
     """Append ``event`` to the state folder's log; returns the record written."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    # several task processes of a site may append at once (two runs): one at a time, or two
+    # records would both follow the same head and fork the chain
+    with _locked(state_dir / LOCK_FILE):
+        return _append(state_dir, event)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _append(state_dir: Path, event: Mapping[str, Any]) -> dict[str, Any]:
     path = state_dir / AUDIT_FILE
     seq, prev = _head(state_dir)
     record: dict[str, Any] = {

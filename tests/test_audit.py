@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,22 @@ def test_the_next_record_continues_the_chain(tmp_path: Path) -> None:
 def test_the_config_digest_names_the_settings_not_their_order() -> None:
     assert config_digest({"a": 1, "b": "x"}) == config_digest({"b": "x", "a": 1})
     assert config_digest({"a": 1}) != config_digest({"a": 2})
+
+
+def _append_many(state: str, worker: int) -> None:
+    for i in range(25):
+        append(Path(state), {"kind": "train", "run-id": worker, "round": i})
+
+
+def test_processes_appending_at_once_keep_one_chain(tmp_path: Path) -> None:
+    # a site's task processes (e.g. two runs' messages) may write their records together
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(str(tmp_path), w)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    summary = verify(tmp_path)
+    assert summary.records == 100
+    assert summary.kinds == {"train": 100}
