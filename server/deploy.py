@@ -301,7 +301,9 @@ def serve(settings: ServerSettings, console: Console, *, keep_running: bool = Fa
                 else f"hospitals connect to {public}; Flower's Control and Runtime APIs are "
                 "open on the same port (--no-proxy)"
             )
-            status = _follow(settings, run_id, fed, console, child)
+            helpers = {"flower-superexec": superexec, "nginx": proxy}
+            watched = {"flower-superlink": child, **{k: v for k, v in helpers.items() if v}}
+            status = _follow(settings, run_id, fed, console, watched)
             _save_run_record(settings, run_status(settings, run_id))
             if keep_running and status.endswith("completed"):
                 console.print("run finished; the SuperLink keeps running (Ctrl-C stops it)")
@@ -356,16 +358,17 @@ def _follow(
     run_id: str,
     fed: FederationConfig,
     console: Console,
-    superlink: subprocess.Popen[bytes],
+    watched: dict[str, subprocess.Popen[bytes]],
 ) -> str:
     state = {"status": "", "checked": 0.0}
 
     def finished() -> bool:
-        if superlink.poll() is not None:
-            raise DeploymentError(
-                f"flower-superlink exited with code {superlink.returncode}; see "
-                f"{settings.state_dir / 'superlink.log'}"
-            )
+        for name, process in watched.items():  # the run cannot go on without any of them
+            if process.poll() is not None:
+                raise DeploymentError(
+                    f"{name} exited with code {process.returncode}; see "
+                    f"{settings.state_dir / 'superlink.log'}"
+                )
         if time.monotonic() - state["checked"] >= 5.0:  # type: ignore[operator]
             state["status"] = str(run_status(settings, run_id).get("status", ""))
             state["checked"] = time.monotonic()
