@@ -89,9 +89,15 @@ class ServerSettings:
         """Where this host reaches the SuperLink (the ``flwr`` CLI: Control API)."""
         if self.proxy:
             return f"127.0.0.1:{self.superlink_port}"
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        host = "[::1]" if host == "::" else host
-        return f"{host}:{self.port}"
+        host = reachable(self.host)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def reachable(host: str) -> str:
+    """Where this host reaches a listener bound to ``host`` (a wildcard: loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return "::1" if host.strip("[]") == "::" else host.strip("[]")
 
 
 def flower_env(settings: ServerSettings | None = None) -> dict[str, str]:
@@ -329,10 +335,8 @@ def _start_proxy(settings: ServerSettings, nginx: str, log_file: Any) -> subproc
     )
     write_config(cfg)
     proxy = start(cfg.command(nginx), log=log_file)
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host.strip("[]")
-    host = "::1" if host == "::" else host
     try:
-        wait_for_port(host, settings.port, proxy, timeout=30.0, what="nginx")
+        wait_for_port(reachable(settings.host), settings.port, proxy, timeout=30.0, what="nginx")
     except Exception as err:
         stop_group(proxy)
         error_log = cfg.folder / "error.log"

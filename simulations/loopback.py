@@ -56,7 +56,8 @@ class LoopbackFederation:
     def client(self, name: str, key: Path | None = None) -> subprocess.Popen[bytes]:
         """Start (or start again) hospital ``name``'s `fedct client` (with ``key``: another
         private key than the one `fedct certs` issued for it)."""
-        self.runtime_ports.setdefault(name, free_port())
+        if name not in self.runtime_ports:
+            self.runtime_ports[name] = free_port()
         child = self._fedct(
             [
                 "client",

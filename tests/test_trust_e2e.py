@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import ssl
-import subprocess
 import time
 import tomllib
 import urllib.error
@@ -22,8 +21,8 @@ from flwr.proto.runtime_pb2 import AcquireTaskRequest
 
 from fedct.common.app_bundle import write_app
 from fedct.common.audit import AuditError, verify
-from fedct.common.flower_tools import executable, flower_environment
 from fedct.server.certs import create
+from fedct.server.deploy import ServerSettings, flwr
 from tests.test_deployment_e2e import SITES, Federation
 from tests.test_deployment_e2e import federation as federation  # the fixture
 
@@ -31,26 +30,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def _flwr(home: Path, *args: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [executable("flwr"), *args, "--format", "json"],
-        capture_output=True,
-        text=True,
-        env=flower_environment(FLWR_HOME=str(home)),
-        timeout=120,
-    )
-    text = done.stdout
-    try:
-        answer: dict[str, Any] = json.loads(text[text.index("{") :])
-    except ValueError:
-        answer = {"success": False, "error-message": (done.stderr or text).strip()}
-    answer["returncode"] = done.returncode
-    return answer
+    """``flwr ARGS`` with the CLI configuration of ``home`` (a folder holding ``flwr-home/``)."""
+    return flwr(ServerSettings(home, None), *args)
 
 
 def _stranger_home(root: Path, address: str, ca: Path) -> Path:
-    home = root / "stranger-flwr"
-    home.mkdir()
-    (home / "config.toml").write_text(
+    home = root / "stranger"
+    (home / "flwr-home").mkdir(parents=True)
+    (home / "flwr-home" / "config.toml").write_text(
         '[superlink]\ndefault = "target"\n\n[superlink.target]\n'
         f'address = "{address}"\nroot-certificates = {json.dumps(str(ca))}\n'
     )
@@ -123,7 +110,7 @@ def test_a_stranger_with_the_ca_certificate_gets_nowhere(
 
     # Registered on the server host (a careless coordinator): it connects, and is ignored.
     registered = _flwr(
-        federation.state / "flwr-home",
+        federation.state,
         "supernode",
         "register",
         str(stranger_pub),
@@ -135,7 +122,7 @@ def test_a_stranger_with_the_ca_certificate_gets_nowhere(
     federation.client("stranger", key=stranger_keys / "hospitals" / "stranger.key")
 
     def online() -> bool:
-        nodes = _flwr(federation.state / "flwr-home", "supernode", "ls", "fedct").get("nodes", [])
+        nodes = _flwr(federation.state, "supernode", "ls", "fedct").get("nodes", [])
         return any(n["node-id"] == stranger_node and n["status"] == "online" for n in nodes)
 
     _wait_for("the stranger's node to come online", online, federation)
@@ -235,7 +222,7 @@ def test_a_run_whose_bundle_carries_code_is_refused_at_every_hospital(
     assert server.poll() is None
 
     # submitted on the server host itself: a compromised or careless coordinator
-    submitted = _flwr(federation.state / "flwr-home", "run", str(evil), "fedct")
+    submitted = _flwr(federation.state, "run", str(evil), "fedct")
     assert submitted.get("success"), submitted
     evil_run = int(submitted["run-id"])
 
