@@ -42,8 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cold",
         action="store_true",
-        help="run each task in Flower's own fresh flwr-clientapp process (no warm executor "
-        "and no bundle check before Flower loads the app)",
+        help="run Flower's own flower-supernode, and each task in a fresh flwr-clientapp "
+        "process (no warm executor, no paced waits and no bundle check before Flower loads "
+        "the app)",
     )
     parser.add_argument(
         "--retry-wait",

@@ -1,8 +1,9 @@
 """``fedct client``: a hospital's Flower SuperNode, started only on a usable data folder.
 
 The hospital's own settings (site name, data folder, state folder, privacy budget) go into the
-SuperNode's node config, which the server can neither read nor change. Flower is started as its
-own executable (``flower-supernode``), so this module does not import Flower.
+SuperNode's node config, which the server can neither read nor change. The SuperNode runs in a
+process of its own (client/supernode.py: Flower's ``flower-supernode`` with its transport waits
+paced), so this module does not import Flower.
 
 By default the SuperNode runs with ``--isolation process`` and FedCT's own SuperExec beside it
 (client/site_executor.py): it checks each run's app bundle before anything of it executes and
@@ -35,7 +36,9 @@ class NodeSettings:
     ca_cert: Path | None  # None with key None: --insecure
     auth_key: Path | None
     runtime_port: int = 9094  # this SuperNode's local port for its ClientApp processes
-    warm: bool = True  # FedCT's checking, warm executor; False: Flower's flwr-clientapp per task
+    # FedCT's paced SuperNode and checking, warm executor; False: Flower's own flower-supernode
+    # and a flwr-clientapp per task
+    warm: bool = True
 
     @property
     def state_dir(self) -> Path:
@@ -74,8 +77,14 @@ def supernode_args(settings: NodeSettings) -> list[str]:
             "dp": settings.site.dp,
         },
     )
+    # FedCT's: Flower's flower-supernode, its waits paced; cold: Flower's own, unchanged
+    supernode = (
+        [sys.executable, "-m", "fedct.client.supernode"]
+        if settings.warm
+        else [executable("flower-supernode")]
+    )
     args = [
-        executable("flower-supernode"),
+        *supernode,
         "--superlink",
         settings.superlink,
         "--node-config",

@@ -76,6 +76,9 @@ def run_task(
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime import run_clientapp as runner
 
+    from fedct.common.flower_pacing import pace_object_pulls
+
+    pace_object_pulls()  # the model may still be arriving at the SuperNode
     unpack = runner.install_from_fab
 
     def checked_unpack(content: bytes, *args: Any, **kwargs: Any) -> Any:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,12 +43,17 @@ from fedct.simulations.synth import SynthSettings, write_hospitals
 
 
 def deployment(
-    rounds: int, scale: float, dtypes: list[str], executors: list[str]
+    rounds: int,
+    scale: float,
+    dtypes: list[str],
+    executors: list[str],
+    sites_n: int = 3,
+    keep_logs: Path | None = None,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedct-bench-") as tmp:
         sites = write_hospitals(
-            Path(tmp) / "data", SynthSettings(sites=3, scale=scale), progress=False
+            Path(tmp) / "data", SynthSettings(sites=sites_n, scale=scale), progress=False
         )
         for executor, dtype in ((e, d) for e in executors for d in dtypes):
             label = f"{executor}-{dtype}"
@@ -55,7 +61,10 @@ def deployment(
             root.mkdir()
             fed = LoopbackFederation(root, {s.name: s for s in sites}, cold=executor == "cold")
             try:
-                server = fed.server("--rounds", str(rounds), "--set", f"transfer-dtype={dtype}")
+                settings = ["--set", f"transfer-dtype={dtype}"]
+                if sites_n < 2:  # FedCT waits for 2 hospitals by default
+                    settings += ["--set", f"min-sites={sites_n}"]
+                server = fed.server("--rounds", str(rounds), *settings)
                 for name in fed.data:
                     fed.client(name)
                 code = server.wait(timeout=3600)
@@ -64,6 +73,11 @@ def deployment(
                 results[label] = _summarize(fed.metrics(), fed.runs()[-1])
             finally:
                 fed.stop()
+                if keep_logs is not None:
+                    for log in root.rglob("*.log"):
+                        target = keep_logs / label / log.relative_to(root)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(log, target)
     return results
 
 
@@ -173,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=["warm", "cold"],
         default=["warm", "cold"],
-        help="warm: FedCT's site executor (the default); cold: Flower's flwr-clientapp per task",
+        help="warm: FedCT's paced SuperNode and warm site executor (the default); cold: Flower's "
+        "own flower-supernode and flwr-clientapp per task",
     )
+    parser.add_argument("--sites", type=int, default=3, help="synthetic hospitals")
+    parser.add_argument("--keep-logs", type=Path, help="copy the deployment's logs here")
     parser.add_argument("--counts", nargs="+", type=int, default=[10, 100, 1000])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -192,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['flower_fedavg_alone_gb_per_s']} GB/s"
             )
     if args.part in ("deployment", "all"):
-        out["deployment"] = deployment(args.rounds, args.scale, args.dtypes, args.executors)
+        out["deployment"] = deployment(
+            args.rounds, args.scale, args.dtypes, args.executors, args.sites, args.keep_logs
+        )
         for dtype, r in out["deployment"].items():
             print(
                 f"{dtype}: {r['bytes_total'] / 1e6:.1f} MB on the wire "
