@@ -104,6 +104,17 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         handle.write(json_text.dumps(record) + "\n")
 
 
+# The starting model evaluated at the sites before round 1 ("round 0"), in the run's output
+# folder beside metrics.jsonl (which holds trained rounds only).
+START_FILE = "start.json"
+
+
+def read_start(out: Path) -> dict[str, Any] | None:
+    """The starting model's evaluation record of the run in ``out`` (None: not evaluated)."""
+    path = out / START_FILE
+    return _nulls_as_nan(json.loads(path.read_text())) if path.is_file() else None
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The rounds in ``path``, with ``null`` read back as NaN: every metric stays a number."""
     if not path.is_file():

@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedct.common import audit
+from fedct.common import audit, json_text
 from fedct.common.config import FederationConfig
 from fedct.common.flower_pacing import pace_object_pulls
 from fedct.common.model_file import save_model
@@ -29,7 +29,13 @@ from fedct.common.models import build_model
 from fedct.common.training_stats import TrainingStats
 from fedct.common.weights import Weights, model_weights
 from fedct.server.allow_list import keep_allowed, read_allow_list, warn_strangers
-from fedct.server.checkpoints import CheckpointStore, ServerState, append_metrics, read_metrics
+from fedct.server.checkpoints import (
+    START_FILE,
+    CheckpointStore,
+    ServerState,
+    append_metrics,
+    read_metrics,
+)
 from fedct.server.health import RunSoFar
 from fedct.server.round_report import RoundReport, weighted_mean
 from fedct.server.strategy import (
@@ -123,6 +129,9 @@ def main(grid: Grid, context: Context) -> None:
     hospitals_only = HospitalsOnly(grid, allowed)
     view = cast(Grid, hospitals_only)
 
+    if first == 1:
+        _evaluate_start(grid, strategy, fed, weights, view, sites, out / START_FILE)
+
     for server_round in range(first, fed.num_server_rounds + 1):
         began = time.time()
         report = RoundReport(server_round, exhausted)
@@ -196,6 +205,40 @@ def main(grid: Grid, context: Context) -> None:
 
     save_model(out / "final_model.safetensors", weights, fed, stats=stats)
     log.info("final global model: %s", out / "final_model.safetensors")
+
+
+def _evaluate_start(
+    grid: Grid,
+    strategy: Strategy,
+    fed: FederationConfig,
+    weights: Weights,
+    view: Grid,
+    sites: dict[int, str],
+    path: Path,
+) -> None:
+    """Evaluate the starting model at the sites exactly like every round's model ("round 0"),
+    so that what the federation added can be read against it; its record goes to ``path``
+    (``start.json``), not to ``metrics.jsonl``."""
+    evaluations = send_and_receive(
+        grid,
+        in_transfer_dtype(
+            list(
+                strategy.configure_evaluate(
+                    0, as_record(weights), evaluation_config(TrainingStats()), view
+                )
+            ),
+            fed.transfer_dtype,
+        ),
+        timeout=fed.round_timeout,
+    )
+    report = RoundReport(0, set())
+    report.pool_evaluation(
+        [site_reply(m, sites, with_update=False) for m in evaluations],
+        num_classes=len(fed.class_names),
+        before=RunSoFar(),
+        stats=TrainingStats(),
+    )
+    path.write_text(json_text.dumps(report.record(), indent=2) + "\n")
 
 
 def _aggregate(

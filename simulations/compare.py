@@ -155,6 +155,37 @@ def versus_text(delta: float | None, interval: Sequence[float] | None) -> str:
     return f"{text} [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else text
 
 
+def should_federate(rows: Sequence[Row]) -> list[str]:
+    """The table read out as the answers to "should we federate?": the federated model against
+    each hospital alone, the starting model and pooling the data, each with whether these
+    held-out patients can tell the two apart (the paired interval excludes 0)."""
+    lines = []
+    for row in rows[1:]:
+        if row.vs_federated is None or math.isnan(row.vs_federated):
+            continue
+        better = -row.vs_federated  # the federated model's advantage
+        interval = row.vs_federated_ci
+        if interval is None:
+            verdict = "too few held-out patients to tell"
+        elif interval[1] < 0:
+            verdict = "the federated model is better"
+        elif interval[0] > 0:
+            verdict = "the federated model is worse"
+        else:
+            verdict = "these patients cannot tell the two apart"
+        ci = f" [{-interval[1]:+.3f}, {-interval[0]:+.3f}]" if interval else ""
+        if row.model.startswith("local-only: "):
+            who = f"{row.model.removeprefix('local-only: ')} alone"
+        else:
+            who = {
+                "pretrained only": "the starting (pretrained) model",
+                "centralized": "pooling the data without DP",
+                "centralized + DP": "pooling the data under the same ε",
+            }.get(row.model, row.model)
+        lines.append(f"federated vs {who}: {better:+.3f}{ci}: {verdict}")
+    return lines
+
+
 def _held_out(fed: FederationConfig, sites: dict[str, SiteData]) -> HeldOut:
     data: dict[str, CTSlices] = {}
     patients: list[int] = []

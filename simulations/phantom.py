@@ -31,6 +31,22 @@ class Nodule:
 
 
 @dataclass(frozen=True)
+class LesionMix:
+    """Which nodules a population has: the share of ground-glass ones (the rest solid) and the
+    range of diameters (log-uniform). Screening programmes see many small and ground-glass
+    nodules, oncology referrals large solid ones, and public collections mostly what
+    radiologists marked with confidence."""
+
+    ground_glass: float = 0.25
+    diameter_mm: tuple[float, float] = (4.0, 30.0)
+
+    def __post_init__(self) -> None:
+        low, high = self.diameter_mm
+        if not 0.0 <= self.ground_glass <= 1.0 or not 0 < low <= high:
+            raise ValueError(f"invalid lesion mix {self}")
+
+
+@dataclass(frozen=True)
 class Vessel:
     x0: float  # position at z = 0 (mm)
     y0: float
@@ -55,7 +71,11 @@ class Anatomy:
 
 
 def random_anatomy(
-    rng: np.random.Generator, *, z_range: tuple[float, float], nodules: int
+    rng: np.random.Generator,
+    *,
+    z_range: tuple[float, float],
+    nodules: int,
+    lesions: LesionMix | None = None,
 ) -> Anatomy:
     body_a = rng.uniform(140, 185)
     body_b = body_a * rng.uniform(0.62, 0.75)
@@ -80,6 +100,7 @@ def random_anatomy(
             lung_b=lung_b,
             gap=gap,
             z_range=z_range,
+            lesions=lesions or LesionMix(),
         )
         for _ in range(nodules)
     )
@@ -106,16 +127,19 @@ def _random_nodule(
     lung_b: float,
     gap: float,
     z_range: tuple[float, float],
+    lesions: LesionMix,
 ) -> Nodule:
-    # Log-uniform diameter over 4-30 mm: many small nodules (hard), fewer large ones (easy).
-    diameter = float(np.exp(rng.uniform(np.log(4.0), np.log(30.0))))
+    # Log-uniform diameter: many small nodules (hard), fewer large ones (easy).
+    low, high = lesions.diameter_mm
+    diameter = float(np.exp(rng.uniform(np.log(low), np.log(high))))
     rho = np.sqrt(rng.uniform(0, 1)) * (1 - diameter / 2 / min(lung_a, lung_b)) * 0.85
     theta = rng.uniform(0, 2 * np.pi)
     x = side * (gap + lung_a) + rho * lung_a * np.cos(theta)
     y = rho * lung_b * np.sin(theta)
     margin = min(diameter / 2, (z_range[1] - z_range[0]) / 4)
     z = rng.uniform(z_range[0] + margin, z_range[1] - margin)
-    hu = rng.uniform(-650, -350) if rng.uniform() < 0.25 else rng.uniform(-60, 80)
+    ground_glass = rng.uniform() < lesions.ground_glass
+    hu = rng.uniform(-650, -350) if ground_glass else rng.uniform(-60, 80)
     return Nodule((float(x), float(y), float(z)), diameter, float(hu))
 
 

@@ -33,9 +33,11 @@ from fedct.common.metrics import LEVELS, SLICE, roc_from_histograms
 from fedct.common.model_file import load_model
 from fedct.common.overlay import draw_slice
 from fedct.common.site import load_site
+from fedct.server.checkpoints import read_start
 from fedct.server.evaluation import TIED_NOTE, tied_levels
 from fedct.server.health import Collapse
-from fedct.simulations.compare import versus_text
+from fedct.simulations.compare import Row, should_federate, versus_text
+from fedct.simulations.simulate import gains
 
 MISSING = {
     "Grad-CAM gallery": "No held-out slice was predicted positive (score >= 0.5) by the final "
@@ -77,7 +79,10 @@ def learning_curves(history: list[dict[str, Any]]) -> str:
         )
     ax_auc.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax_auc.set(
-        xlabel="round", ylabel="AUROC (held-out patients)", ylim=(0, 1), title="Global model AUROC"
+        xlabel="round (0: the starting model)",
+        ylabel="AUROC (held-out patients)",
+        ylim=(0, 1),
+        title="Global model AUROC",
     )
     ax_loss.set(xlabel="round", ylabel="local training loss", title="Training loss per site")
     for ax in (ax_auc, ax_loss):
@@ -227,8 +232,9 @@ def gradcam_gallery(fed: FederationConfig, model_path: Path, per_kind: int = 4) 
 def write_report(
     out: Path, summary: dict[str, Any], history: list[dict[str, Any]], fed: FederationConfig
 ) -> Path:
+    start = read_start(Path(summary["metrics"]).parent)
     figures = [
-        ("Learning curves", learning_curves(history)),
+        ("Learning curves", learning_curves(([start] if start else []) + history)),
         ("Privacy", privacy_spend(history) if fed.dp else None),
         ("ROC curves", roc_curve(history)),
     ]
@@ -270,7 +276,7 @@ def write_report(
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 td:first-child{{text-align:left}}img{{max-width:100%}}</style></head><body>
-<h1>FedCT federated simulation</h1>{warning}
+<h1>FedCT federated simulation</h1>{warning}{gain_table(summary, fed)}
 <p><b>Pooled AUROC {_num(summary.get("pooled_auroc"))}</b> on all sites' held-out slices
 (series {_num(summary.get("pooled_auroc_series"))}, patients
 {_num(summary.get("pooled_auroc_patient"))}) after {summary["rounds"]} rounds &middot; strategy
@@ -296,12 +302,42 @@ def _start(fed: FederationConfig) -> str:
     return f"from pretrained {html.escape(Path(fed.pretrained).name)} ({trained})"
 
 
+def gain_table(summary: dict[str, Any], fed: FederationConfig) -> str:
+    """The answer a clinical researcher asks first: how much each hospital gained by joining
+    (its held-out AUROC under the starting model and under the federated one), at what ε."""
+    rows = gains(summary)
+    if not rows:
+        return ""
+    body = "".join(
+        f"<tr><td>{'<b>pooled</b>' if g.site == 'pooled' else html.escape(g.site)}</td>"
+        f"<td>{_num(g.start)}</td><td>{_num(g.final)}</td>"
+        f"<td><b>{'n/a' if g.gain is None else f'{g.gain:+.3f}'}</b></td>"
+        f"<td>{_epsilon(g.epsilon, fed.dp)}</td></tr>"
+        for g in rows
+    )
+    start = "the pretrained model" if fed.pretrained else "the initial model"
+    return (
+        "<h2>What each hospital gained by joining</h2><p>AUROC on each hospital's own held-out "
+        f"patients under {start} (evaluated at the sites before round 1, exactly as every "
+        f"round's model) and under the federated model after {summary['rounds']} rounds; ε is "
+        "what the federation spent of each site's budget (pooled: the largest).</p>"
+        "<table><tr><th>site</th><th>before joining</th><th>federated</th><th>gain</th>"
+        f"<th>ε spent</th></tr>{body}</table>"
+    )
+
+
 def compare_table(summary: dict[str, Any]) -> str:
     """The --compare table: per-site and pooled AUROC of each model (empty without it)."""
     rows = summary.get("compare")
     if not rows:
         return ""
     sites = sorted({name for r in rows for name in r["sites"]})
+    answers = "".join(
+        f"<li>{html.escape(line)}</li>"
+        for line in should_federate(
+            [Row(**{**r, "vs_federated_ci": _pair(r.get("vs_federated_ci"))}) for r in rows]
+        )
+    )
     head = "".join(f"<th>{html.escape(s)}</th>" for s in sites)
     body = "".join(
         f"<tr><td>{html.escape(r['model'])}</td><td>{'yes' if r['dp'] else 'no'}</td>"
@@ -320,7 +356,12 @@ def compare_table(summary: dict[str, Any]) -> str:
         "score histograms, the same up to ties within a bin.</p>"
         f"<table><tr><th>model</th><th>DP</th>{head}<th>pooled</th>"
         f"<th>pooled vs federated (95% interval)</th></tr>{body}</table>"
+        f"<h3>Should we federate?</h3><ul>{answers}</ul>"
     )
+
+
+def _pair(value: Any) -> tuple[float, float] | None:
+    return None if value is None else (float(value[0]), float(value[1]))
 
 
 def _epsilon(value: Any, dp: bool) -> str:

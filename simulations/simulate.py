@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from fedct.common.config import FederationConfig, app_defaults
 from fedct.common.errors import FedCTError
 from fedct.common.flower_tools import flower_environment
 from fedct.common.processes import sigterm_raises, start, stop_group
-from fedct.server.checkpoints import read_metrics
+from fedct.server.checkpoints import read_metrics, read_start
 from fedct.server.evaluation import tied_levels
 from fedct.server.health import Collapse
 from fedct.server.progress import follow_rounds
@@ -59,11 +60,12 @@ class SimulationPaths:
 
     @property
     def public(self) -> Path:
-        return self.out / f"public-data-x{PUBLIC_SCALE:g}"
+        return self.out / f"public-collection-x{PUBLIC_SCALE:g}"
 
 
 # The public data set stands in for a public annotated CT collection (LIDC-IDRI in practice):
-# other patients, drawn with another seed, never any participating hospital's. Twice the
+# other patients, drawn with another seed, never any participating hospital's, from other
+# scanners and with another lesion mix (simulations/synth.py, PUBLIC_PROFILES). Twice the
 # hospitals' number of patients: with as many as one federation holds, the pretrained network
 # memorised them and its quality was a matter of the draw; twice as many made it stable across
 # seeds for a little more pretraining time (measured in docs/known-limits.md, The demo).
@@ -91,7 +93,7 @@ def prepare_pretrained(
     choice: str, paths: SimulationPaths, overrides: dict[str, Any], *, seed: int, console: Console
 ) -> dict[str, Any]:
     """Settings for the federation's starting weights: ``none`` (from scratch), a weights file,
-    or ``public``: pretrain on a synthetic public data set written to OUT/public-data-x2 (made
+    or ``public``: pretrain on a synthetic public data set written to OUT/public-collection-x2 (made
     once per setting and reused). With pretrained weights, the head-only fine-tuning defaults
     apply unless ``overrides`` sets them."""
     if choice == "none":
@@ -106,7 +108,12 @@ def prepare_pretrained(
                 console.print("writing the public (pretraining) data set ...")
                 write_hospitals(
                     paths.public,
-                    SynthSettings(sites=3, seed=seed + PUBLIC_SEED_OFFSET, scale=PUBLIC_SCALE),
+                    SynthSettings(
+                        sites=3,
+                        seed=seed + PUBLIC_SEED_OFFSET,
+                        scale=PUBLIC_SCALE,
+                        population="public",
+                    ),
                 )
             console.print("pretraining on the public data set (no hospital data) ...")
             result = pretrain(
@@ -137,7 +144,7 @@ def _pretraining_key(fed: FederationConfig) -> str:
     about = (
         f"{fed.model}|{fed.image_size}|{fed.windows}|{fed.classes}|{fed.target_spacing_mm}"
         f"|crop {fed.crop}"
-        f"|public x{PUBLIC_SCALE:g}|lesion {LESION_WEIGHT:g}@{fed.cam_layer}"
+        f"|public collection x{PUBLIC_SCALE:g}|lesion {LESION_WEIGHT:g}@{fed.cam_layer}"
     )
     return f"{fed.model}-{fed.image_size}px-{hashlib.sha256(about.encode()).hexdigest()[:8]}"
 
@@ -200,9 +207,10 @@ def run_federation(
 
 
 def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:
-    """``summary.json``: the final round's pooled AUROC of slices, series and patients, whether
-    its model collapsed (``collapse``: null or what shows it, server/health.py), and each
-    site's AUROC, ε and size (strict JSON: ``null`` where there is no value)."""
+    """``summary.json``: the final round's pooled AUROC of slices, series and patients and the
+    starting model's (``start_*``), whether its model collapsed (``collapse``: null or what
+    shows it, server/health.py), and each site's AUROC (final and at the start), ε and size
+    (strict JSON: ``null`` where there is no value)."""
     history = read_metrics(paths.metrics)
     if not history:
         raise SimulationError(f"the federation wrote no rounds; see {paths.log}")
@@ -223,8 +231,16 @@ def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:
             entry["auroc_patient"] = m.get("patient-auroc")
             entry["num_eval_examples"] = m.get("num-examples")
             entry["num_eval_patients"] = m.get("patient-num")
+    start = read_start(paths.federation) or {}
+    begin = start.get("pooled", {})
+    for site, m in start.get("evaluate", {}).items():
+        sites.setdefault(site, {})["start_auroc"] = m.get("auroc")
     summary = {
         "pooled_auroc": pooled.get("auroc"),
+        # the starting model (pretrained or initial weights), evaluated at the sites before
+        # round 1 exactly as every round's model is
+        "start_pooled_auroc": begin.get("auroc"),
+        "start_pooled_auroc_patient": begin.get("patient-auroc"),
         "pooled_auroc_series": pooled.get("series-auroc"),
         "pooled_auroc_patient": pooled.get("patient-auroc"),
         "scores_tied": tied_levels(pooled),
@@ -242,6 +258,41 @@ def summarize(paths: SimulationPaths, fed: FederationConfig) -> dict[str, Any]:
     return summary
 
 
+@dataclass(frozen=True)
+class Gain:
+    """What one hospital (or, ``site="pooled"``, all of them) gained by joining: the starting
+    model's AUROC on its held-out patients, the federated model's, and the ε it spent."""
+
+    site: str
+    start: float | None
+    final: float | None
+    epsilon: float | None
+
+    @property
+    def gain(self) -> float | None:
+        if self.start is None or self.final is None:
+            return None
+        if math.isnan(self.start) or math.isnan(self.final):
+            return None
+        return self.final - self.start
+
+
+def gains(summary: dict[str, Any]) -> list[Gain]:
+    """Each site's and the pooled gain over the starting model (empty if it was not
+    evaluated)."""
+    if summary.get("start_pooled_auroc") is None:
+        return []
+    rows = [
+        Gain(name, s.get("start_auroc"), s.get("auroc"), s.get("epsilon"))
+        for name, s in summary["sites"].items()
+    ]
+    spent = [g.epsilon for g in rows if g.epsilon is not None]
+    pooled = Gain(
+        "pooled", summary["start_pooled_auroc"], summary["pooled_auroc"], max(spent, default=None)
+    )
+    return [*rows, pooled]
+
+
 def write_summary(paths: SimulationPaths, summary: dict[str, Any]) -> None:
     (paths.out / "summary.json").write_text(json_text.dumps(summary, indent=2) + "\n")
 
@@ -252,7 +303,7 @@ def add_comparison(
     """Train the centralized and local-only baselines; add the table to ``summary.json``."""
     from dataclasses import asdict
 
-    from fedct.simulations.compare import compare, versus_text
+    from fedct.simulations.compare import compare, should_federate, versus_text
 
     console.print("training the comparison models (centralized, local-only) ...")
     rows = compare(
@@ -267,4 +318,7 @@ def add_comparison(
     for r in rows:
         versus = versus_text(r.vs_federated, r.vs_federated_ci)
         console.print(f"{r.model:<26} {r.pooled:>12.3f}  {versus}")
+    console.print("should we federate? (pooled AUROC, federated minus the alternative):")
+    for line in should_federate(rows):
+        console.print(f"  {line}", highlight=False)
     return summary

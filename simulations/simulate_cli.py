@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from fedct.simulations.simulate import (
         SimulationPaths,
         add_comparison,
+        gains,
         prepare_data,
         prepare_pretrained,
         run_config,
@@ -108,6 +109,15 @@ def run(args: argparse.Namespace) -> int:
         if "auroc" in pooled
         else "no pooled AUROC (too few held-out cases)"
     )
+    rows = gains(summary)
+    if rows:
+        console.print("what each hospital gained by joining (held-out AUROC):")
+        for g in rows:
+            gain = "n/a" if g.gain is None else f"{g.gain:+.3f}"
+            console.print(
+                f"  {g.site:<14} before {_num(g.start)} -> federated {_num(g.final)}  "
+                f"gain {gain}" + (f"  ε {g.epsilon:.2f}" if g.epsilon is not None else "")
+            )
     if summary["scores_tied"]:
         console.print(f"{TIED_NOTE} ({', '.join(summary['scores_tied'])})")
     collapse = Collapse.from_record(history[-1].get("collapse"))
@@ -116,3 +126,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"summary: {paths.out / 'summary.json'}")
     console.print(f"report:  {report}")
     return 0
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}"

@@ -2,7 +2,9 @@
 
 Each hospital gets a scanner profile (vendor tags, matrix, pixel spacing, slice thickness,
 noise, reconstruction sharpness, stored-value encoding, transfer syntax), its own number of
-patients and its own disease prevalence (non-IID). Positive patients have 1-2 lung nodules;
+patients, its own disease prevalence and its own lesion mix (non-IID). The synthetic public
+collection (``population="public"``) has other scanners and another lesion mix than any
+hospital. Positive patients have 1-2 lung nodules;
 every slice showing a nodule is labelled ``nodule`` and its lesion mask is written to
 ``SITE/masks/<SOPInstanceUID>.png``. Labels go to ``SITE/labels.csv`` (one row per file).
 Everything is a pure function of the seed.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,13 @@ from tqdm import tqdm
 
 from fedct.common.errors import ConfigError
 from fedct.simulations.dicom_writer import Scanner, SliceHeader, new_uid, write_ct_slice
-from fedct.simulations.phantom import nodule_radius_in_slice, random_anatomy, render_slice, scan
+from fedct.simulations.phantom import (
+    LesionMix,
+    nodule_radius_in_slice,
+    random_anatomy,
+    render_slice,
+    scan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ class HospitalProfile:
     blur_mm: float
     patients: int
     prevalence: float
+    lesions: LesionMix = field(default_factory=LesionMix)
 
 
 # Three archetypes, cycled (with jitter) when more sites are asked for. Patient counts and
@@ -60,6 +69,8 @@ PROFILES: tuple[HospitalProfile, ...] = (
         blur_mm=0.6,
         patients=60,
         prevalence=0.5,
+        # a screening programme: many ground-glass and small nodules
+        lesions=LesionMix(ground_glass=0.6, diameter_mm=(4.0, 20.0)),
     ),
     HospitalProfile(
         Scanner(
@@ -81,6 +92,8 @@ PROFILES: tuple[HospitalProfile, ...] = (
         blur_mm=1.0,
         patients=40,
         prevalence=0.3,
+        # incidental findings: small nodules, mostly solid
+        lesions=LesionMix(ground_glass=0.2, diameter_mm=(4.0, 14.0)),
     ),
     HospitalProfile(
         Scanner(
@@ -102,8 +115,58 @@ PROFILES: tuple[HospitalProfile, ...] = (
         blur_mm=1.4,
         patients=30,
         prevalence=0.65,
+        # oncology referrals: larger nodules, some ground-glass
+        lesions=LesionMix(ground_glass=0.3, diameter_mm=(6.0, 30.0)),
     ),
 )
+
+# The synthetic public collection (what LIDC-IDRI is in practice): other scanner generations
+# than any hospital's (smooth and older kernels, thin and very thick slices, another vendor's
+# encoding) and another lesion mix: the nodules readers marked with confidence, solid and
+# mostly large, almost no ground glass, few small ones. What the hospitals see and it lacks is
+# what a federation can teach (docs/worlds.md, The demo's world).
+PUBLIC_PROFILES: tuple[HospitalProfile, ...] = (
+    HospitalProfile(
+        Scanner("Philips", "Brilliance-like (synthetic)", -1000.0, 1.0, True, None, kernel="B"),
+        matrix=512,
+        fov_mm=350.0,
+        thickness_mm=2.0,
+        spacing_mm=8.0,
+        slices=6,
+        noise_hu=12.0,
+        blur_mm=0.9,
+        patients=60,
+        prevalence=0.5,
+        lesions=LesionMix(ground_glass=0.0, diameter_mm=(8.0, 30.0)),
+    ),
+    HospitalProfile(
+        Scanner("GE MEDICAL SYSTEMS", "HiSpeed-like (synthetic)", -1024.0, 1.0, False, None),
+        matrix=512,
+        fov_mm=420.0,
+        thickness_mm=7.0,
+        spacing_mm=10.0,
+        slices=4,
+        noise_hu=22.0,
+        blur_mm=1.6,
+        patients=50,
+        prevalence=0.5,
+        lesions=LesionMix(ground_glass=0.05, diameter_mm=(10.0, 30.0)),
+    ),
+    HospitalProfile(
+        Scanner("SIEMENS", "Sensation-like (synthetic)", -1024.0, 1.0, False, None, kernel="B30f"),
+        matrix=512,
+        fov_mm=360.0,
+        thickness_mm=3.0,
+        spacing_mm=8.0,
+        slices=5,
+        noise_hu=15.0,
+        blur_mm=1.1,
+        patients=50,
+        prevalence=0.5,
+        lesions=LesionMix(ground_glass=0.0, diameter_mm=(6.0, 30.0)),
+    ),
+)
+POPULATIONS = ("hospitals", "public")
 
 
 @dataclass(frozen=True)
@@ -112,8 +175,13 @@ class SynthSettings:
     seed: int = 0
     scale: float = 1.0  # multiplies every site's number of patients
     matrix_cap: int | None = None  # e.g. 64 for tiny test sites
+    population: str = "hospitals"  # or "public": the synthetic public collection
 
     def __post_init__(self) -> None:
+        if self.population not in POPULATIONS:
+            raise ConfigError(
+                f"unknown population {self.population!r}; choose one of {', '.join(POPULATIONS)}"
+            )
         if not 1 <= self.sites <= 50:
             raise ConfigError(f"number of synthetic sites must be 1..50, got {self.sites}")
         if self.scale <= 0:
@@ -122,12 +190,15 @@ class SynthSettings:
 
 def hospital_profiles(settings: SynthSettings) -> list[tuple[str, HospitalProfile]]:
     rng = np.random.default_rng([settings.seed, 7])
+    profiles, prefix = (
+        (PUBLIC_PROFILES, "public") if settings.population == "public" else (PROFILES, "hospital")
+    )
     out = []
     for i in range(settings.sites):
-        base = PROFILES[i % len(PROFILES)]
+        base = profiles[i % len(profiles)]
         profile = (
             base
-            if i < len(PROFILES)
+            if i < len(profiles)
             else replace(
                 base,
                 patients=int(base.patients * rng.uniform(0.6, 1.4)),
@@ -138,7 +209,7 @@ def hospital_profiles(settings: SynthSettings) -> list[tuple[str, HospitalProfil
         patients = max(4, round(profile.patients * settings.scale))
         matrix = min(profile.matrix, settings.matrix_cap or profile.matrix)
         profile = replace(profile, patients=patients, matrix=matrix)
-        out.append((f"hospital-{_letters(i)}", profile))
+        out.append((f"{prefix}-{_letters(i)}", profile))
     return out
 
 
@@ -220,7 +291,10 @@ def _write_patient(
     step = profile.spacing_mm
     z_range = (z0, z0 + step * (profile.slices - 1))
     anatomy = random_anatomy(
-        rng, z_range=z_range, nodules=int(rng.integers(1, 3)) if positive else 0
+        rng,
+        z_range=z_range,
+        nodules=int(rng.integers(1, 3)) if positive else 0,
+        lesions=profile.lesions,
     )
     patient_id = f"SYN{site_index:02d}{p:04d}"
     study = new_uid(f"{patient_id}/study")

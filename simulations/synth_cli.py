@@ -30,6 +30,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="multiply every hospital's number of patients (default 1)",
     )
     parser.add_argument(
+        "--public",
+        action="store_true",
+        help="write the synthetic public collection (other scanners and lesion mix than the "
+        "hospitals; what `fedct simulate` pretrains on) instead of hospitals",
+    )
+    parser.add_argument(
         "--world",
         metavar="NAME",
         default=None,
@@ -45,10 +51,14 @@ def run(args: argparse.Namespace) -> int:
     from fedct.simulations.synth import SynthSettings, write_hospitals
 
     sites = args.sites if args.sites is not None else 3
-    written = write_hospitals(args.out, SynthSettings(sites, args.seed, args.scale))
+    population = "public" if args.public else "hospitals"
+    written = write_hospitals(
+        args.out, SynthSettings(sites, args.seed, args.scale, population=population)
+    )
     log.info(
-        "wrote %d synthetic hospitals under %s: %s",
+        "wrote %d synthetic %s under %s: %s",
         len(written),
+        "public collections" if args.public else "hospitals",
         args.out,
         ", ".join(s.name for s in written),
     )

@@ -209,3 +209,25 @@ def test_a_diverged_baseline_gets_an_empty_row_not_a_crash() -> None:
     assert scores is None
     assert math.isnan(row.pooled)
     assert math.isnan(row.sites["site-0"])
+
+
+def test_should_federate_reads_the_intervals() -> None:
+    from fedct.simulations.compare import Row, should_federate
+
+    rows = [
+        Row("federated", True, {}, 0.80),
+        Row("pretrained only", False, {}, 0.70, -0.10, (-0.15, -0.05)),
+        Row("centralized + DP", True, {}, 0.81, 0.01, (-0.02, 0.04)),
+        Row("local-only: a", True, {}, 0.90, 0.10, (0.02, 0.18)),
+        Row("local-only: b", True, {}, 0.60, -0.20, None),
+        Row("local-only: c", True, {}, math.nan, math.nan, None),  # diverged: no line
+    ]
+    lines = should_federate(rows)
+    assert lines == [
+        "federated vs the starting (pretrained) model: +0.100 [+0.050, +0.150]: "
+        "the federated model is better",
+        "federated vs pooling the data under the same ε: -0.010 [-0.040, +0.020]: "
+        "these patients cannot tell the two apart",
+        "federated vs a alone: -0.100 [-0.180, -0.020]: the federated model is worse",
+        "federated vs b alone: +0.200: too few held-out patients to tell",
+    ]

@@ -56,3 +56,34 @@ def test_report_shows_levels_and_no_dp(tmp_path: Path) -> None:
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert "nan" not in text.lower()
     assert "<h2>ROC curves</h2><img" in page
+
+
+def test_summary_and_report_show_each_sites_gain_over_the_start(tmp_path: Path) -> None:
+    from fedct.common import json_text
+    from fedct.server.checkpoints import START_FILE, read_metrics
+    from fedct.simulations.report import write_report
+    from fedct.simulations.simulate import gains
+
+    paths = _no_dp_run(tmp_path)
+    start = {"round": 0, "evaluate": {"a": {"auroc": 0.625}}, "pooled": {"auroc": 0.75}}
+    (paths.federation / START_FILE).write_text(json_text.dumps(start))
+    fed = FederationConfig(dp=False)
+    summary = summarize(paths, fed)
+    assert summary["start_pooled_auroc"] == 0.75
+    assert summary["sites"]["a"]["start_auroc"] == 0.625
+    rows = {g.site: g for g in gains(summary)}
+    assert rows["a"].gain == 0.375
+    assert rows["pooled"].gain == 0.25
+    page = write_report(tmp_path, summary, read_metrics(paths.metrics), fed).read_text()
+    gained = page.index("What each hospital gained by joining")
+    assert gained < page.index("<h2>Sites</h2>")  # the report leads with it
+    assert "<b>+0.375</b>" in page
+    assert "<b>+0.250</b>" in page
+
+
+def test_no_gain_table_without_a_start_evaluation(tmp_path: Path) -> None:
+    from fedct.simulations.simulate import gains
+
+    summary = summarize(_no_dp_run(tmp_path), FederationConfig(dp=False))
+    assert summary["start_pooled_auroc"] is None
+    assert gains(summary) == []

@@ -79,6 +79,12 @@ def test_simulation_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     report = (out / "report.html").read_text()
     for section in ("Sites", "Learning curves", "Privacy", "ROC curves"):
         assert f"<h2>{section}</h2>" in report
+    # the starting model was evaluated at the sites before round 1, like every round's
+    start = json.loads((out / "federation" / "start.json").read_text())
+    assert start["round"] == 0
+    assert set(start["evaluate"]) == {"site-0", "site-1"}
+    assert summary["start_pooled_auroc"] == pytest.approx(start["pooled"]["auroc"])
+    assert "What each hospital gained by joining" in report
     assert "data:image/png;base64," in report
 
     # A restarted run continues at round 3, and every site's ledger continues its budget.

@@ -81,6 +81,8 @@ def run_variant(fed: FederationConfig, root: Path, cache: Path, *, label: str) -
     spent: dict[str, list[tuple[float, float, int]]] = {name: [] for name in sites}
     steps_total = {name: 0 for name in sites}
     rows = []
+    start_auroc = _pooled_auroc(model, fed, sites)  # the starting model, before round 1
+    print(json.dumps({"variant": label, "round": 0, "pooled_auroc": round(start_auroc, 4)}))
     for rnd in range(1, fed.num_server_rounds + 1):
         updates, sizes, losses = [], [], []
         global_state = model_weights(model)
@@ -143,6 +145,7 @@ def run_variant(fed: FederationConfig, root: Path, cache: Path, *, label: str) -
     return {
         "variant": label,
         "pooled_auroc": rows[-1]["pooled_auroc"],
+        "start_pooled_auroc": round(start_auroc, 4),
         "curve": [r["pooled_auroc"] for r in rows],
         "seconds": rows[-1]["seconds"],
         "steps_per_site": steps_total,
@@ -174,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         fed = FederationConfig.from_mapping(config)
         results.append(run_variant(fed, args.data, args.cache, label=spec or "defaults"))
-    print(f"{'variant':<60} {'AUROC':>6} {'s':>6}  curve")
+    print(f"{'variant':<60} {'start':>6} {'AUROC':>6} {'s':>6}  curve")
     for r in results:
-        print(f"{r['variant']:<60} {r['pooled_auroc']:>6.3f} {r['seconds']:>6.0f}  {r['curve']}")
+        print(
+            f"{r['variant']:<60} {r['start_pooled_auroc']:>6.3f} {r['pooled_auroc']:>6.3f} "
+            f"{r['seconds']:>6.0f}  {r['curve']}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
