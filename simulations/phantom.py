@@ -39,10 +39,15 @@ class LesionMix:
 
     ground_glass: float = 0.25
     diameter_mm: tuple[float, float] = (4.0, 30.0)
+    # share of patients (with or without a nodule) with 1-3 calcified granulomas: healed,
+    # benign, far brighter than any nodule, common where histoplasmosis or tuberculosis is
+    # (a slice showing only granulomas is labelled normal)
+    calcified: float = 0.0
 
     def __post_init__(self) -> None:
         low, high = self.diameter_mm
-        if not 0.0 <= self.ground_glass <= 1.0 or not 0 < low <= high:
+        shares = (self.ground_glass, self.calcified)
+        if not all(0.0 <= x <= 1.0 for x in shares) or not 0 < low <= high:
             raise ValueError(f"invalid lesion mix {self}")
 
 
@@ -68,6 +73,7 @@ class Anatomy:
     nodules: tuple[Nodule, ...]
     z_range: tuple[float, float]  # slab covered by the series
     texture_seed: int = 0
+    granulomas: tuple[Nodule, ...] = ()  # calcified, benign: drawn, never in the lesion mask
 
 
 def random_anatomy(
@@ -76,7 +82,10 @@ def random_anatomy(
     z_range: tuple[float, float],
     nodules: int,
     lesions: LesionMix | None = None,
+    slice_z: tuple[float, ...] = (),
 ) -> Anatomy:
+    """A random chest; with ``lesions.calcified``, granulomas centred on some of ``slice_z``
+    (the exported slices: a sparse export would otherwise rarely show a small one)."""
     body_a = rng.uniform(140, 185)
     body_b = body_a * rng.uniform(0.62, 0.75)
     lung_a, lung_b = body_a * rng.uniform(0.32, 0.36), body_b * rng.uniform(0.58, 0.66)
@@ -116,7 +125,31 @@ def random_anatomy(
         found,
         z_range,
         int(rng.integers(2**31)),
+        _granulomas(rng, lesions or LesionMix(), lung_a, lung_b, gap, slice_z),
     )
+
+
+def _granulomas(
+    rng: np.random.Generator,
+    lesions: LesionMix,
+    lung_a: float,
+    lung_b: float,
+    gap: float,
+    slice_z: tuple[float, ...],
+) -> tuple[Nodule, ...]:
+    if lesions.calcified <= 0 or not slice_z or rng.uniform() >= lesions.calcified:
+        return ()
+    found = []
+    for _ in range(int(rng.integers(1, 4))):
+        diameter = float(rng.uniform(5.0, 12.0))
+        side = float(rng.choice([-1.0, 1.0]))
+        rho = np.sqrt(rng.uniform(0, 1)) * 0.75
+        theta = rng.uniform(0, 2 * np.pi)
+        x = side * (gap + lung_a) + rho * lung_a * np.cos(theta)
+        y = rho * lung_b * np.sin(theta)
+        z = float(rng.choice(slice_z)) + rng.uniform(-1.0, 1.0)
+        found.append(Nodule((float(x), float(y), z), diameter, float(rng.uniform(400, 1000))))
+    return tuple(found)
 
 
 def _random_nodule(
@@ -230,6 +263,13 @@ def render_slice(
     image[lungs] += vessel_layer[lungs]
 
     mask = np.zeros_like(image, dtype=bool)
+    for granuloma in a.granulomas:
+        radius, fill = nodule_radius_in_slice(granuloma, z, thickness)
+        if radius > 0:
+            layer = np.zeros_like(image)
+            x, y, _ = granuloma.center_mm
+            _add_disk(layer, xx, yy, x, y, radius, (granuloma.hu - LUNG) * fill, soft_edge)
+            image[lungs] += layer[lungs]
     for nodule in a.nodules:
         radius, fill = nodule_radius_in_slice(nodule, z, thickness)
         if radius <= 0:

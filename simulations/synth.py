@@ -70,7 +70,7 @@ PROFILES: tuple[HospitalProfile, ...] = (
         patients=60,
         prevalence=0.5,
         # a screening programme: many ground-glass and small nodules
-        lesions=LesionMix(ground_glass=0.6, diameter_mm=(4.0, 20.0)),
+        lesions=LesionMix(ground_glass=0.6, diameter_mm=(4.0, 20.0), calcified=0.5),
     ),
     HospitalProfile(
         Scanner(
@@ -93,7 +93,7 @@ PROFILES: tuple[HospitalProfile, ...] = (
         patients=40,
         prevalence=0.3,
         # incidental findings: small nodules, mostly solid
-        lesions=LesionMix(ground_glass=0.2, diameter_mm=(4.0, 14.0)),
+        lesions=LesionMix(ground_glass=0.2, diameter_mm=(4.0, 14.0), calcified=0.3),
     ),
     HospitalProfile(
         Scanner(
@@ -116,7 +116,7 @@ PROFILES: tuple[HospitalProfile, ...] = (
         patients=30,
         prevalence=0.65,
         # oncology referrals: larger nodules, some ground-glass
-        lesions=LesionMix(ground_glass=0.3, diameter_mm=(6.0, 30.0)),
+        lesions=LesionMix(ground_glass=0.3, diameter_mm=(6.0, 30.0), calcified=0.6),
     ),
 )
 
@@ -295,6 +295,7 @@ def _write_patient(
         z_range=z_range,
         nodules=int(rng.integers(1, 3)) if positive else 0,
         lesions=profile.lesions,
+        slice_z=tuple(z_range[0] + k * step for k in range(profile.slices)),
     )
     patient_id = f"SYN{site_index:02d}{p:04d}"
     study = new_uid(f"{patient_id}/study")
