@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedct.simulations.phantom import LesionMix
 from fedct.simulations.synth import PROFILES, write_hospital
 
 
@@ -32,14 +33,18 @@ def write_tiny_site(
     slices: int = 4,
     matrix: int = 32,
     prevalence: float = 0.5,
+    lesions: LesionMix | None = None,
 ) -> Path:
-    """A small hospital of real DICOM files (labels.csv, masks) in ``site``."""
+    """A small hospital of real DICOM files (labels.csv, masks) in ``site``; by default with
+    the generator's general lesion mix (4-30 mm, a quarter ground glass, no granulomas), not
+    the demo hospital's own, so that a few patients show enough nodules."""
     profile = replace(
         PROFILES[index % len(PROFILES)],
         matrix=matrix,
         patients=patients,
         slices=slices,
         prevalence=prevalence,
+        lesions=lesions or LesionMix(),
     )
     write_hospital(site, profile, seed=seed, site_index=index, progress=False)
     return site

@@ -124,7 +124,8 @@ def test_tls_authenticated_federation_runs_and_resumes_after_restart(
         assert [e.round for e in entries] == [1, 2]
         assert entries[-1].epsilon <= 8.0
         audited = verify(federation.site_state(name))  # the hospital's audit log holds
-        assert audited.kinds == {"train": 2, "evaluate": 2}
+        # two rounds, and the starting model's evaluation before round 1 (not again on resume)
+        assert audited.kinds == {"train": 2, "evaluate": 3}
         assert audited.last_epsilon == pytest.approx(entries[-1].epsilon)
     assert verify(federation.state / "run").kinds == {"round": 2}
     assert all(c.poll() is None for c in federation.clients.values())

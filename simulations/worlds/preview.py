@@ -123,51 +123,15 @@ def preview(name: str, out: Path, *, seed: int) -> str:
     )
 
 
-def preview_demo(out: Path, *, seed: int) -> None:
-    """``world-demo.png``: a typical nodule slice of each source of `fedct simulate`'s own
-    world, the synthetic public collection first, then the hospitals (written at 0.3x)."""
-    from fedct.simulations.synth import SynthSettings, hospital_profiles, write_hospitals
-
-    records, sites = [], []
-    grid = GridConfig(image_size=GRID_PX)
-    for population in ("public", "hospitals"):
-        settings = SynthSettings(sites=3, seed=seed, scale=0.3, population=population)
-        folders = write_hospitals(out / "demo" / population, settings, progress=False)
-        for folder, (_, profile) in zip(folders, hospital_profiles(settings), strict=True):
-            data = load_site(folder, grid=grid, progress=False)
-            records.append(
-                SiteRecord(
-                    folder,
-                    "csv",
-                    profile.matrix,
-                    profile.fov_mm,
-                    profile.spacing_mm,
-                    profile.scanner.transfer_syntax,
-                    profile.patients,
-                    0,
-                    len(data.slices),
-                    sum(1 for x in data.slices if x.label == "nodule"),
-                )
-            )
-            sites.append(data)
-    render("demo", records, sites, out)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="an empty or new folder")
     parser.add_argument("--worlds", nargs="+", choices=sorted(WORLDS), default=sorted(WORLDS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--demo", action="store_true", help="only world-demo.png: fedct simulate's own world"
-    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # decoders chat at INFO
     logging.getLogger("fedct.simulations").setLevel(logging.INFO)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.demo:
-        preview_demo(args.out, seed=args.seed)
-        return 0
     rows = [preview(name, args.out, seed=args.seed) for name in args.worlds]
     print("\n".join(rows))  # the entry point's output
     return 0
