@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedct.common import audit, json_text
 from fedct.common.config import FederationConfig
+from fedct.common.fileio import atomic_write_text
 from fedct.common.flower_pacing import pace_object_pulls
 from fedct.common.model_file import save_model
 from fedct.common.models import build_model
@@ -238,7 +239,7 @@ def _evaluate_start(
         before=RunSoFar(),
         stats=TrainingStats(),
     )
-    path.write_text(json_text.dumps(report.record(), indent=2) + "\n")
+    atomic_write_text(path, json_text.dumps(report.record(), indent=2) + "\n")
 
 
 def _aggregate(
