@@ -63,8 +63,8 @@ def round_line(record: dict[str, Any]) -> str:
     for site, m in sorted(record.get("train", {}).items()):
         ev = record.get("evaluate", {}).get(site, {})
         parts.append(
-            f"{site}: loss {_num(m.get('train-loss'))} "
-            f"AUROC {_num(ev.get('auroc'))} {epsilon_text(m.get('epsilon'))}{site_flags(ev)}"
+            f"{site}: loss {num_text(m.get('train-loss'))} "
+            f"AUROC {num_text(ev.get('auroc'))} {epsilon_text(m.get('epsilon'))}{site_flags(ev)}"
         )
     for site, why in sorted(record.get("excluded", {}).items()):
         parts.append(f"{site}: EXCLUDED ({why})")
@@ -98,7 +98,7 @@ def auroc_text(pooled: dict[str, Any]) -> str:
     sites = pooled.get("reporting-sites")
     parts = []
     for level in LEVELS:
-        text = f"{level.name} {_num(pooled.get(level.key('auroc')))}"
+        text = f"{level.name} {num_text(pooled.get(level.key('auroc')))}"
         pooled_sites = pooled.get(level.key("reporting-sites"))
         if level is not SLICE and isinstance(sites, int) and pooled_sites not in (None, sites):
             text += f" ({pooled_sites} of {sites} sites)"
@@ -112,7 +112,8 @@ def epsilon_text(epsilon: Any) -> str:
     return f"ε {epsilon:.2f}" if _finite(epsilon) else "no DP"
 
 
-def _num(value: Any, digits: int = 3) -> str:
+def num_text(value: Any, digits: int = 3) -> str:
+    """``0.912``, or ``n/a`` for a missing or non-finite value."""
     return f"{value:.{digits}f}" if _finite(value) else "n/a"
 
 
@@ -121,4 +122,4 @@ def _finite(value: Any) -> bool:
 
 
 def _fmt(record: dict[str, Any], key: str) -> str:
-    return _num(record.get("pooled", {}).get(key))
+    return num_text(record.get("pooled", {}).get(key))

@@ -158,18 +158,7 @@ def main(grid: Grid, context: Context) -> None:
         stats = report.training_stats(stats)
         weights = _aggregate(strategy, fed, report, weights, replies)
 
-        evaluations = send_and_receive(
-            grid,
-            in_transfer_dtype(
-                list(
-                    strategy.configure_evaluate(
-                        server_round, as_record(weights), evaluation_config(stats), view
-                    )
-                ),
-                fed.transfer_dtype,
-            ),
-            timeout=fed.round_timeout,
-        )
+        evaluations = _evaluate(grid, strategy, fed, server_round, weights, stats, view)
         stats = report.pool_evaluation(
             [site_reply(m, sites, with_update=False) for m in evaluations],
             num_classes=len(fed.class_names),
@@ -208,6 +197,24 @@ def main(grid: Grid, context: Context) -> None:
     log.info("final global model: %s", out / "final_model.safetensors")
 
 
+def _evaluate(
+    grid: Grid,
+    strategy: Strategy,
+    fed: FederationConfig,
+    server_round: int,
+    weights: Weights,
+    stats: TrainingStats,
+    view: Grid,
+) -> list[Message]:
+    """One evaluation phase: ``weights`` to the sites the strategy picks, their replies."""
+    messages = strategy.configure_evaluate(
+        server_round, as_record(weights), evaluation_config(stats), view
+    )
+    return send_and_receive(
+        grid, in_transfer_dtype(list(messages), fed.transfer_dtype), timeout=fed.round_timeout
+    )
+
+
 def _evaluate_start(
     grid: Grid,
     strategy: Strategy,
@@ -220,18 +227,7 @@ def _evaluate_start(
     """Evaluate the starting model at the sites exactly like every round's model ("round 0"),
     so that what the federation added can be read against it; its record goes to ``path``
     (``start.json``), not to ``metrics.jsonl``."""
-    evaluations = send_and_receive(
-        grid,
-        in_transfer_dtype(
-            list(
-                strategy.configure_evaluate(
-                    0, as_record(weights), evaluation_config(TrainingStats()), view
-                )
-            ),
-            fed.transfer_dtype,
-        ),
-        timeout=fed.round_timeout,
-    )
+    evaluations = _evaluate(grid, strategy, fed, 0, weights, TrainingStats(), view)
     report = RoundReport(0, set())
     report.pool_evaluation(
         [site_reply(m, sites, with_update=False) for m in evaluations],

@@ -311,7 +311,7 @@ def gain_table(summary: dict[str, Any], fed: FederationConfig) -> str:
     body = "".join(
         f"<tr><td>{'<b>pooled</b>' if g.site == 'pooled' else html.escape(g.site)}</td>"
         f"<td>{_num(g.start)}</td><td>{_num(g.final)}</td>"
-        f"<td><b>{'n/a' if g.gain is None else f'{g.gain:+.3f}'}</b></td>"
+        f"<td><b>{g.gain_text}</b></td>"
         f"<td>{_epsilon(g.epsilon, fed.dp)}</td></tr>"
         for g in rows
     )

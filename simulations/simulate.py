@@ -276,6 +276,10 @@ class Gain:
             return None
         return self.final - self.start
 
+    @property
+    def gain_text(self) -> str:
+        return "n/a" if self.gain is None else f"{self.gain:+.3f}"
+
 
 def gains(summary: dict[str, Any]) -> list[Gain]:
     """Each site's and the pooled gain over the starting model (empty if it was not

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from fedct.server.checkpoints import read_metrics
     from fedct.server.evaluation import TIED_NOTE
     from fedct.server.health import Collapse
-    from fedct.server.progress import auroc_text
+    from fedct.server.progress import auroc_text, epsilon_text, num_text
     from fedct.simulations.report import write_report
     from fedct.simulations.simulate import (
         SimulationPaths,
@@ -113,10 +113,9 @@ def run(args: argparse.Namespace) -> int:
     if rows:
         console.print("what each hospital gained by joining (held-out AUROC):")
         for g in rows:
-            gain = "n/a" if g.gain is None else f"{g.gain:+.3f}"
             console.print(
-                f"  {g.site:<14} before {_num(g.start)} -> federated {_num(g.final)}  "
-                f"gain {gain}" + (f"  ε {g.epsilon:.2f}" if g.epsilon is not None else "")
+                f"  {g.site:<14} before {num_text(g.start)} -> federated {num_text(g.final)}  "
+                f"gain {g.gain_text}  {epsilon_text(g.epsilon)}"
             )
     if summary["scores_tied"]:
         console.print(f"{TIED_NOTE} ({', '.join(summary['scores_tied'])})")
@@ -126,7 +125,3 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"summary: {paths.out / 'summary.json'}")
     console.print(f"report:  {report}")
     return 0
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"
