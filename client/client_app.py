@@ -12,13 +12,14 @@ import os
 import time
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedct.client.bundle_check import BUNDLE_HASH_ENV
 from fedct.client.rounds import Metrics, evaluate_round, train_round
 from fedct.common import audit
 from fedct.common.config import FederationConfig, SiteConfig
+from fedct.common.flower_records import ARRAYS, model_of, put_model
 from fedct.common.version import FEDCT_VERSION, VersionMismatchError, require_same_version
 from fedct.common.weights import Weights
 
@@ -58,7 +59,7 @@ def _audit(
     metric names, never values)."""
     content = reply.content
     metrics = content.metric_records["metrics"]
-    arrays = content.array_records.get("arrays")
+    arrays = content.array_records.get(ARRAYS)
     audit.append(
         Path(site.state_dir),
         {
@@ -96,12 +97,19 @@ def site_config(context: Context, fed: FederationConfig) -> SiteConfig:
 
 
 def _weights(msg: Message) -> Weights:
-    record = msg.content.array_records["arrays"]
-    return {k: v.numpy() for k, v in record.items()}
+    try:
+        return model_of(msg.content)
+    except ValueError as err:
+        raise ValueError(f"the server's model cannot be read: {err}") from err
 
 
 def _reply(
-    msg: Message, site: SiteConfig, metrics: Metrics, weights: Weights | None, status: str
+    msg: Message,
+    site: SiteConfig,
+    metrics: Metrics,
+    status: str,
+    weights: Weights | None = None,
+    dtype: str = "float32",
 ) -> Message:
     content = RecordDict(
         {
@@ -110,7 +118,7 @@ def _reply(
         }
     )
     if weights is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        put_model(content, weights, dtype)
     return Message(content=content, reply_to=msg)
 
 
@@ -124,7 +132,7 @@ def train(msg: Message, context: Context) -> Message:
     # the whole local step (data from the cache, model, training, ledger), for the overhead
     # benchmark: what the round takes beyond this is the federation's cost
     metrics = {**reply.metrics, "handler-seconds": time.perf_counter() - start}
-    out = _reply(msg, site, metrics, reply.weights, reply.status)
+    out = _reply(msg, site, metrics, reply.status, reply.weights, fed.transfer_dtype)
     _audit(site, context, "train", server_round, out)
     return out
 
@@ -141,6 +149,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         _weights(msg),
         model_hu=[float(v) for v in model_hu] if isinstance(model_hu, list) else None,
     )
-    out = _reply(msg, site, metrics, None, "ok")
+    out = _reply(msg, site, metrics, "ok")
     _audit(site, context, "evaluate", int(str(config.get("server-round", 0))), out)
     return out

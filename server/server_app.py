@@ -44,7 +44,7 @@ from fedct.server.strategy import (
     as_record,
     evaluation_config,
     flower_aggregate,
-    in_transfer_dtype,
+    for_transfer,
     make_strategy,
     optimizer_state,
     restore_optimizer_state,
@@ -144,9 +144,8 @@ def main(grid: Grid, context: Context) -> None:
             view,
         )
         train_messages = [m for m in offered if sites.get(m.metadata.dst_node_id) not in exhausted]
-        replies = send_and_receive(
-            grid, in_transfer_dtype(train_messages, fed.transfer_dtype), timeout=fed.round_timeout
-        )
+        outgoing = for_transfer(train_messages, weights, fed.transfer_dtype)
+        replies = send_and_receive(grid, outgoing, timeout=fed.round_timeout)
         # wall time from sending the model to having every reply: local training plus the
         # federation's overhead (process start, serialization, transfer), before aggregation
         report.details["train-phase-seconds"] = round(time.time() - began, 3)
@@ -211,7 +210,7 @@ def _evaluate(
         server_round, as_record(weights), evaluation_config(stats), view
     )
     return send_and_receive(
-        grid, in_transfer_dtype(list(messages), fed.transfer_dtype), timeout=fed.round_timeout
+        grid, for_transfer(messages, weights, fed.transfer_dtype), timeout=fed.round_timeout
     )
 
 

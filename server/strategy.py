@@ -10,8 +10,6 @@ measured against Flower's in docs/benchmarks.md, Aggregation).
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,6 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedct.common.config import FederationConfig
+from fedct.common.flower_records import ARRAYS, LAYOUT, has_model, model_of, model_records
 from fedct.common.training_stats import TrainingStats
 from fedct.common.weights import Weights
 from fedct.server.round_report import SiteReply
@@ -99,15 +98,14 @@ def evaluation_config(stats: TrainingStats) -> ConfigRecord:
     return config
 
 
-def in_transfer_dtype(messages: Iterable[Message], dtype: str) -> list[Message]:
-    """The messages with the model cast to ``dtype`` (one shared copy for all of them)."""
+def for_transfer(messages: Iterable[Message], weights: Weights, dtype: str) -> list[Message]:
+    """The messages with the model packed into one ``dtype`` array (one shared copy for all
+    of them): what the sites receive, while the strategy keeps its named float32 record."""
     messages = list(messages)
-    if dtype == "float32" or not messages:
-        return messages
-    arrays = messages[0].content.array_records["arrays"]
-    outgoing = ArrayRecord({k: Array(v.numpy().astype(dtype)) for k, v in arrays.items()})
-    for message in messages:
-        message.content["arrays"] = outgoing
+    if messages:
+        arrays, layout = model_records(weights, dtype)
+        for message in messages:
+            message.content[ARRAYS], message.content[LAYOUT] = arrays, layout
     return messages
 
 
@@ -122,11 +120,10 @@ def site_reply(msg: Message, sites: dict[int, str], *, with_update: bool) -> Sit
     metrics = dict(msg.content.metric_records["metrics"])
     if not with_update:
         return SiteReply(site, metrics)
-    records = msg.content.array_records
-    if "arrays" not in records:
+    if not has_model(msg.content):
         return SiteReply(site, metrics)
     try:
-        weights = {k: _view(v) for k, v in records["arrays"].items()}
+        weights = model_of(msg.content)
     except ValueError as err:
         return SiteReply(site, metrics, unreadable=str(err))
     return SiteReply(site, metrics, weights)
@@ -142,34 +139,10 @@ def flower_aggregate(
     for msg in replies:
         if msg.has_error() or str(msg.content.config_records["site"]["name"]) not in names:
             continue
-        record = msg.content.array_records["arrays"]
-        for key in list(record.keys()):
-            value = record[key].numpy()
-            if value.dtype != np.float32:
-                record[key] = Array(value.astype(np.float32))
+        # the strategy's rules read named float32 arrays, like the record it was configured with
+        msg.content[ARRAYS] = as_record(model_of(msg.content))
         chosen.append(msg)
     arrays, _ = strategy.aggregate_train(server_round, chosen)
     if arrays is None:
         return None
     return {k: v.numpy().astype(np.float32, copy=False) for k, v in arrays.items()}
-
-
-def _view(array: Array) -> np.ndarray:
-    """A read-only view of an Array's values, without the copy ``Array.numpy()`` makes.
-
-    Hand-written (numpy reads .npy only from files or by copying): validating every update
-    through views instead of copies saves one full memory pass per update on the server.
-    """
-    data = array.data
-    if array.stype != "numpy.ndarray":
-        return array.numpy()  # let Flower say what it cannot read
-    stream = io.BytesIO(data)
-    major, _ = np.lib.format.read_magic(stream)
-    read_header = (
-        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    )
-    shape, fortran, dtype = read_header(stream)
-    if dtype.hasobject:
-        raise ValueError("object arrays are not model weights")
-    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")

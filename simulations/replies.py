@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedct.common.flower_records import ARRAYS, LAYOUT, put_model
 
 SERVER_NODE = 0
 
@@ -22,20 +24,22 @@ def _identify_as_server() -> None:
 def train_reply(
     site: str,
     node_id: int,
-    arrays: ArrayRecord | Mapping[str, np.ndarray] | None,
+    weights: Mapping[str, np.ndarray] | tuple[ArrayRecord, ConfigRecord] | None,
     metrics: Mapping[str, int | float],
 ) -> Message:
-    """Site ``site``'s reply (from node ``node_id``) to a train message."""
+    """Site ``site``'s reply (from node ``node_id``) to a train message, with ``weights`` as
+    named arrays or as the records ``model_records`` made."""
     _identify_as_server()
     request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
-    if arrays is not None and not isinstance(arrays, ArrayRecord):
-        arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
     content = RecordDict(
         {
             "metrics": MetricRecord(dict(metrics)),
             "site": ConfigRecord({"name": site, "status": "ok"}),
         }
     )
-    if arrays is not None:
-        content["arrays"] = arrays
+    if isinstance(weights, tuple):  # already packed (model_records), e.g. shared by many
+        content[ARRAYS], content[LAYOUT] = weights
+    elif weights is not None:
+        dtype = np.result_type(*weights.values()).name if weights else "float32"
+        put_model(content, dict(weights), dtype)
     return Message(content=content, reply_to=request)

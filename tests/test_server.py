@@ -19,7 +19,7 @@ from fedct.server.checkpoints import (
 )
 from fedct.server.round_report import RoundReport
 from fedct.server.server_app import _aggregate
-from fedct.server.strategy import in_transfer_dtype, make_strategy, site_reply
+from fedct.server.strategy import for_transfer, make_strategy, site_reply
 from fedct.simulations.replies import train_reply
 
 REFERENCE = {"conv.weight": np.zeros((2, 3), np.float32), "fc.bias": np.zeros(2, np.float32)}
@@ -144,21 +144,27 @@ def test_too_few_valid_updates_keep_the_previous_model() -> None:
 
 
 def test_float16_transfer_casts_what_goes_to_the_sites() -> None:
-    from flwr.app import Array, ArrayRecord, RecordDict
+    from flwr.app import RecordDict
+
+    from fedct.common.flower_records import model_of
 
     train_reply("a", 1, None, {})  # sets the task identity messages need
-    model = ArrayRecord({k: Array(v) for k, v in REFERENCE.items()})
-    outgoing = in_transfer_dtype(
-        [
-            Message(RecordDict({"arrays": model}), dst_node_id=n, message_type="evaluate")
-            for n in (1, 2)
-        ],
+    outgoing = for_transfer(
+        [Message(RecordDict(), dst_node_id=n, message_type="evaluate") for n in (1, 2)],
+        REFERENCE,
         "float16",
     )
+    # one packed array for every site, shared (not one copy per message)
+    first, second = (m.content.array_records["arrays"] for m in outgoing)
+    assert first is second
     for message in outgoing:
-        for value in message.content.array_records["arrays"].values():
-            assert value.numpy().dtype == np.float16
-    assert all(v.numpy().dtype == np.float32 for v in model.values())  # the original is kept
+        assert list(message.content.array_records["arrays"].keys()) == ["model"]
+        received = model_of(message.content)
+        assert list(received) == list(REFERENCE)
+        for key, value in received.items():
+            assert value.dtype == np.float16
+            np.testing.assert_array_equal(value, REFERENCE[key].astype(np.float16))
+    assert all(v.dtype == np.float32 for v in REFERENCE.values())  # the original is kept
 
 
 def test_update_distance_spans_blocks_exactly() -> None:

@@ -111,15 +111,15 @@ def _summarize(history: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, 
 
 
 def aggregation(counts: list[int]) -> dict[str, Any]:
-    from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+    from fedct.common.flower_records import model_records
     from fedct.server.round_report import weighted_mean
     from fedct.simulations.replies import train_reply
 
     weights = model_weights(build_model(ModelConfig("resnet18", num_classes=2)))
     update = {k: v + np.float32(1e-3) for k, v in weights.items()}
-    payload = ArrayRecord({k: Array(v) for k, v in update.items()})
+    payload = model_records(update)
     nbytes = sum(v.nbytes for v in update.values())
     results = {}
     for n in counts:

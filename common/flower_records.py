@@ -1,0 +1,70 @@
+"""The model inside a Flower message: one flat array and its layout (``common/weights.py``).
+
+The one place that knows how FedCT's messages carry a model, for the ServerApp, the ClientApp
+and the replies the server's tests make: an ``ArrayRecord`` ``"arrays"`` holding the single
+array ``"model"``, and a ``ConfigRecord`` ``"layout"`` naming its parts. Flower's strategies
+see one array per message, which every one of their rules treats element by element.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedct.common.weights import Layout, Weights, pack, unpack
+
+ARRAYS = "arrays"
+LAYOUT = "layout"
+MODEL = "model"
+
+
+def model_records(weights: Weights, dtype: str = "float32") -> tuple[ArrayRecord, ConfigRecord]:
+    """``weights`` packed into one ``dtype`` array, and its layout."""
+    flat, layout = pack(weights, dtype)
+    return ArrayRecord({MODEL: Array(flat)}), ConfigRecord(layout.as_config())
+
+
+def put_model(content: RecordDict, weights: Weights, dtype: str = "float32") -> None:
+    """Add ``weights`` to a message's content (replacing any model it held)."""
+    content[ARRAYS], content[LAYOUT] = model_records(weights, dtype)
+
+
+def has_model(content: RecordDict) -> bool:
+    return ARRAYS in content.array_records
+
+
+def model_of(content: RecordDict) -> Weights:
+    """The model a message carries, as named read-only views (no copy); ValueError with a
+    one-line reason when it is not a model in FedCT's format."""
+    arrays = content.array_records.get(ARRAYS)
+    layout = content.config_records.get(LAYOUT)
+    if arrays is None or layout is None or list(arrays.keys()) != [MODEL]:
+        raise ValueError(
+            "the message holds no model in FedCT's format (one packed array and its layout); "
+            "is the other side running another FedCT version?"
+        )
+    return unpack(array_view(arrays[MODEL]), Layout.from_config(layout))
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only view of an Array's values, without the copy ``Array.numpy()`` makes.
+
+    Hand-written (numpy reads .npy only from files or by copying): reading every update through
+    views instead of copies saves one full memory pass per update on the server.
+    """
+    data = array.data
+    if array.stype != "numpy.ndarray":
+        return array.numpy()  # let Flower say what it cannot read
+    stream = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(stream)
+    read_header = (
+        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not model weights")
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")

@@ -1,0 +1,73 @@
+"""The model's wire format: one flat array and its layout, read back as views; every malformed
+layout a peer could send is refused with a reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from fedct.common.flower_records import model_of, model_records, put_model
+from fedct.common.models import ModelConfig, build_model
+from fedct.common.weights import Layout, model_weights, pack, unpack
+
+
+def _weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+        "scale": np.array(2.5, dtype=np.float32),  # a 0-d array
+        "empty": np.zeros((0, 5), dtype=np.float32),
+        "fc.bias": rng.normal(size=7).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_packed_model_reads_back_in_order_as_views(dtype: str) -> None:
+    weights = _weights()
+    content = RecordDict()
+    put_model(content, weights, dtype)
+    back = model_of(content)
+    assert list(back) == list(weights)
+    for key, value in weights.items():
+        assert back[key].shape == value.shape
+        assert back[key].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(back[key], value.astype(dtype))
+        assert not back[key].flags.writeable  # views into the received bytes, not copies
+
+
+def test_a_resnet_travels_as_one_array() -> None:
+    weights = model_weights(build_model(ModelConfig("resnet18", num_classes=2)))
+    arrays, layout = model_records(weights)
+    assert list(arrays.keys()) == ["model"]
+    assert len(Layout.from_config(layout).names) == len(weights) > 60
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"names": ["a", "a"], "ranks": [1, 1], "dims": [2, 2]}, "more than once"),
+        ({"names": ["a"], "ranks": [2], "dims": [2]}, "ranks"),
+        ({"names": ["a"], "ranks": [1], "dims": [-2]}, "negative"),
+        ({"names": ["a"], "ranks": [1], "dims": [3]}, "describes 3 values"),
+        ({"names": ["a"], "ranks": [1], "dims": [10**30]}, "describes"),
+        ({"names": "a", "ranks": [1], "dims": [4]}, "list of str"),
+        ({"names": ["a"], "ranks": [True], "dims": [4]}, "list of int"),
+    ],
+)
+def test_a_malformed_layout_is_refused_with_its_reason(change: dict, reason: str) -> None:
+    flat = np.zeros(4, dtype=np.float32)
+    with pytest.raises(ValueError, match=reason):
+        unpack(flat, Layout.from_config(change))
+
+
+def test_a_message_without_a_packed_model_is_refused() -> None:
+    arrays, _ = model_records(_weights())
+    with pytest.raises(ValueError, match="no model in FedCT's format"):
+        model_of(RecordDict({"arrays": arrays}))  # the layout is missing
+    flat, layout = pack(_weights())
+    with pytest.raises(ValueError, match="one flat array"):
+        unpack(flat.reshape(2, -1), layout)
+    with pytest.raises(ValueError, match="floating-point"):
+        unpack(flat.astype(np.int32), layout)
+    assert Layout.from_config(ConfigRecord(layout.as_config())) == layout
