@@ -45,6 +45,7 @@ PRELOAD = (
     "torchvision",
     "opacus",
     "fedct.client.client_app",
+    "fedct.common.gradcam",  # pytorch-grad-cam imports matplotlib: ~0.65 s per evaluation
     "flwr.supernode.runtime.run_clientapp",
 )
 

@@ -12,7 +12,9 @@ handful of hospitals with one message in flight each:
   (``_push_messages``);
 - a process that pulls a message whose objects are still arriving (the ClientApp's task while
   its SuperNode is still downloading the model; the ServerApp while a reply is still being
-  uploaded) backs off 1 s, then 2 s, 4 s ... (``pull_objects``' ``initial_backoff``).
+  uploaded) backs off 1 s, then 2 s, 4 s ... up to 10 s (``pull_objects``' ``initial_backoff``
+  and ``backoff_cap``); a 45 MB model arrives within a second, so the doubling alone wasted up
+  to half of that after it had arrived.
 
 Flower exposes none of these as settings, so FedCT sets them on Flower's own module globals and
 function defaults, in its own processes only, and ``tests/test_flower_pacing.py`` fails when a
@@ -38,8 +40,10 @@ IDLE_POLL_MIN_S = 0.1
 IDLE_POLL_MAX_S = 3.0  # Flower's own interval
 # waits on this process's own or its loopback peer's state (a reply, an object being stored)
 LOCAL_WAIT_S = 0.02
-# the first retry of an object that is not there yet (Flower: 1 s, doubling up to 10 s)
+# the first retry of an object that is not there yet, and the longest wait between retries
+# (Flower: 1 s, doubling up to 10 s); they last only while an object is in transit
 PULL_INITIAL_BACKOFF_S = 0.05
+PULL_BACKOFF_CAP_S = 0.2
 
 # the constants Flower 1.41 hard-codes at the places named above
 FLOWER_IDLE_SLEEP_S = 3
@@ -88,12 +92,13 @@ def pace_supernode(module: ModuleType | None = None) -> None:
 
 
 def pace_object_pulls() -> None:
-    """Retry an object that is still arriving after 0.05 s (then doubling), not 1 s, in every
-    pull this process makes (a ClientApp task, the ServerApp)."""
+    """Retry an object that is still arriving after 0.05 s, doubling up to 0.2 s (not 1 s up to
+    10 s), in every pull this process makes (a SuperNode, a ClientApp task, the ServerApp)."""
     from flwr.supercore.inflatable import inflatable_utils
 
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         defaults = fn.__kwdefaults__
-        if not defaults or "initial_backoff" not in defaults:
-            raise RuntimeError(f"Flower's {fn.__name__} has no initial_backoff default any more")
+        if not defaults or not {"initial_backoff", "backoff_cap"} <= defaults.keys():
+            raise RuntimeError(f"Flower's {fn.__name__} has no backoff defaults any more")
         defaults["initial_backoff"] = PULL_INITIAL_BACKOFF_S
+        defaults["backoff_cap"] = PULL_BACKOFF_CAP_S

@@ -1,8 +1,9 @@
 """``fedct server``: a Flower SuperLink (TLS, SuperNode authentication, persistent state) and
 the FedCT run on it, followed round by round.
 
-Everything goes through Flower's own executables (``flower-superlink`` and the ``flwr`` CLI),
-so this module does not import Flower. The server's state folder holds:
+Everything goes through Flower's own executables (``flower-superlink``, here started as
+``python -m fedct.server.superlink`` to keep messages in transit in memory, and the ``flwr``
+CLI), so this module does not import Flower. The server's state folder holds:
 
     superlink.db        the SuperLink's database (registered hospitals, runs)
     superlink.log       its log, and the ServerApp's
@@ -25,6 +26,7 @@ import logging
 import os
 import secrets
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -108,7 +110,9 @@ def flower_env(settings: ServerSettings | None = None) -> dict[str, str]:
 
 def superlink_args(settings: ServerSettings) -> list[str]:
     args = [
-        executable("flower-superlink"),
+        sys.executable,
+        "-m",
+        "fedct.server.superlink",  # Flower's flower-superlink, objects in transit in memory
         "--host",
         settings.superlink_host,
         "--port",

@@ -98,6 +98,12 @@ def render(cfg: ProxyConfig) -> str:
         "  uwsgi_temp_path tmp/uwsgi;",
         "  scgi_temp_path tmp/scgi;",
         "  server_tokens off;",
+        # connections to the SuperLink are kept open and reused: without this nginx opens a
+        # new one, TLS handshake and all, for every request (a model is ~20 of them)
+        "  upstream superlink {",
+        f"    server 127.0.0.1:{cfg.upstream_port};",
+        "    keepalive 16;",
+        "  }",
         "  server {",
         f"    {listen}",
     ]
@@ -117,8 +123,9 @@ def render(cfg: ProxyConfig) -> str:
         f"    location {FLEET_PREFIX} {{",
         "      limit_except POST { deny all; }",
         # a URI after the upstream: nginx forwards the *normalised* path (no ../ tricks)
-        f"      proxy_pass {scheme}://127.0.0.1:{cfg.upstream_port}{FLEET_PREFIX};",
+        f"      proxy_pass {scheme}://superlink{FLEET_PREFIX};",
         "      proxy_http_version 1.1;",
+        '      proxy_set_header Connection "";',  # keep the upstream connection open
     ]
     if tls:
         lines += [

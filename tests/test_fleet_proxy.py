@@ -36,7 +36,8 @@ def test_only_the_fleet_api_is_forwarded_over_tls(tmp_path: Path) -> None:
     text = render(_config(tmp_path))
     assert "listen 9100 ssl;" in text
     assert re.findall(r"location (\S+) \{", text) == ["/v1/fleet/", "/"]
-    assert "proxy_pass https://127.0.0.1:9200/v1/fleet/;" in text
+    assert "proxy_pass https://superlink/v1/fleet/;" in text
+    assert "server 127.0.0.1:9200;" in text  # the SuperLink, on loopback, connections kept
     assert text.count("proxy_pass") == 1  # nothing else reaches the SuperLink
     assert "location / { return 404; }" in text
     assert "limit_except POST { deny all; }" in text
@@ -48,7 +49,7 @@ def test_insecure_mode_proxies_plain_http(tmp_path: Path) -> None:
     text = render(_config(tmp_path, tls=False))
     assert "listen 9100;" in text
     assert "ssl" not in text
-    assert "proxy_pass http://127.0.0.1:9200/v1/fleet/;" in text
+    assert "proxy_pass http://superlink/v1/fleet/;" in text
 
 
 # `make test` installs nginx (like a server host's IT would), so this runs in CI
