@@ -41,7 +41,6 @@ from fedct.server.health import RunSoFar
 from fedct.server.round_report import RoundReport, weighted_mean
 from fedct.server.strategy import (
     STREAMED_MEAN,
-    as_record,
     evaluation_config,
     flower_aggregate,
     for_transfer,
@@ -49,6 +48,7 @@ from fedct.server.strategy import (
     optimizer_state,
     restore_optimizer_state,
     site_reply,
+    strategy_record,
 )
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def main(grid: Grid, context: Context) -> None:
         hospitals_only.strangers.clear()
         offered = strategy.configure_train(
             server_round,
-            as_record(weights),
+            strategy_record(fed, weights, train=True),
             ConfigRecord({"local-epochs": fed.local_epochs}),
             view,
         )
@@ -207,7 +207,7 @@ def _evaluate(
 ) -> list[Message]:
     """One evaluation phase: ``weights`` to the sites the strategy picks, their replies."""
     messages = strategy.configure_evaluate(
-        server_round, as_record(weights), evaluation_config(stats), view
+        server_round, strategy_record(fed, weights, train=False), evaluation_config(stats), view
     )
     return send_and_receive(
         grid, for_transfer(messages, weights, fed.transfer_dtype), timeout=fed.round_timeout

@@ -83,6 +83,15 @@ def restore_optimizer_state(strategy: Strategy, state: Mapping[str, Weights]) ->
         setattr(strategy, name, {k: np.asarray(v) for k, v in arrays.items()})
 
 
+def strategy_record(fed: FederationConfig, weights: Weights, *, train: bool) -> ArrayRecord:
+    """The model as the strategy's ``configure_*`` gets it: named float32 arrays where the
+    strategy keeps them (FedAdam's training step), else nothing to copy (what the sites receive
+    is packed by :func:`for_transfer` in any case)."""
+    if train and fed.strategy not in STREAMED_MEAN:
+        return as_record(weights)
+    return ArrayRecord()
+
+
 def as_record(weights: Weights, dtype: str = "float32") -> ArrayRecord:
     return ArrayRecord(
         {k: Array(np.asarray(v).astype(dtype, copy=False)) for k, v in weights.items()}
