@@ -136,7 +136,7 @@ class Layout:
     names: list[str]
     shapes: list[tuple[int, ...]]
 
-    def as_config(self) -> dict[str, list[str] | list[int]]:
+    def as_config(self) -> dict[str, Any]:
         """Flat lists (what a Flower ConfigRecord holds): names, ranks, then every dimension."""
         return {
             "names": list(self.names),

@@ -39,7 +39,7 @@ def keep_objects_in_memory() -> None:
 
     if not callable(getattr(superlink_main, "get_objectstore_linkstate_factories", None)):
         raise RuntimeError("Flower's SuperLink no longer builds its stores where FedCT expects")
-    superlink_main.get_objectstore_linkstate_factories = objects_in_memory  # type: ignore[attr-defined]
+    superlink_main.get_objectstore_linkstate_factories = objects_in_memory
 
 
 def main() -> None:
