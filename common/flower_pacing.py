@@ -93,12 +93,19 @@ def pace_supernode(module: ModuleType | None = None) -> None:
 
 def pace_object_pulls() -> None:
     """Retry an object that is still arriving after 0.05 s, doubling up to 0.2 s (not 1 s up to
-    10 s), in every pull this process makes (a SuperNode, a ClientApp task, the ServerApp)."""
+    10 s), in every pull this process makes (a SuperNode, a ClientApp task, the ServerApp).
+
+    Flower also gives up on an object after 500 tries, which its own backoff spreads over ~80
+    minutes but 0.2 s retries over ~100 s: a slow hospital link would fail a transfer that is
+    merely slow. So the number of tries is left unbounded and Flower's own time limit
+    (``max_time``, 2 hours) alone ends a pull."""
     from flwr.supercore.inflatable import inflatable_utils
 
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         defaults = fn.__kwdefaults__
-        if not defaults or not {"initial_backoff", "backoff_cap"} <= defaults.keys():
+        paced = {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_time"}
+        if not defaults or not paced <= defaults.keys() or defaults["max_time"] is None:
             raise RuntimeError(f"Flower's {fn.__name__} has no backoff defaults any more")
         defaults["initial_backoff"] = PULL_INITIAL_BACKOFF_S
         defaults["backoff_cap"] = PULL_BACKOFF_CAP_S
+        defaults["max_tries_per_object"] = None  # Flower's max_time still bounds the pull

@@ -46,7 +46,11 @@ def model_of(content: RecordDict) -> Weights:
             "the message holds no model in FedCT's format (one packed array and its layout); "
             "is the other side running another FedCT version?"
         )
-    return unpack(array_view(arrays[MODEL]), Layout.from_config(layout))
+    try:
+        flat = array_view(arrays[MODEL])
+    except (TypeError, OverflowError) as err:  # what numpy and Flower raise on hostile headers
+        raise ValueError(f"the packed model cannot be read: {err}") from err
+    return unpack(flat, Layout.from_config(layout))
 
 
 def array_view(array: Array) -> np.ndarray:

@@ -93,6 +93,9 @@ def _squared_distance(value: np.ndarray, ref: np.ndarray, scratch: np.ndarray) -
 # took ~130 requests per hop. FedCT therefore sends the model as one flat array and a layout
 # (names and shapes, in order); Flower offers no such packing, so it is written here.
 MAX_LAYOUT_ARRAYS = 10_000  # far above any torchvision model's state dict
+# what a model may travel as (FederationConfig's transfer dtypes), in this machine's byte order:
+# torch reads nothing else, so anything else is refused on arrival
+WIRE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 
 def pack(weights: Mapping[str, np.ndarray], dtype: str = "float32") -> tuple[np.ndarray, Layout]:
@@ -112,8 +115,8 @@ def unpack(flat: np.ndarray, layout: Layout) -> Weights:
     """Named read-only views into ``flat`` (no copy); ValueError when they do not fit it."""
     if flat.ndim != 1:
         raise ValueError(f"a packed model is one flat array, got shape {flat.shape}")
-    if flat.dtype.kind != "f":
-        raise ValueError(f"a packed model holds floating-point values, got {flat.dtype}")
+    if flat.dtype not in WIRE_DTYPES:
+        raise ValueError(f"a packed model holds float16 or float32 values, got {flat.dtype}")
     sizes = [math.prod(s) for s in layout.shapes]
     if sum(sizes) != flat.size:
         raise ValueError(

@@ -44,6 +44,7 @@ class SiteReply:
     weights: Weights | None = None  # read-only views of the update (train replies)
     error: str | None = None  # the site's ClientApp failed: the first line of its error
     unreadable: str | None = None  # the update's arrays could not be read: why
+    node: int | None = None  # the Flower node that sent it
 
 
 @dataclass

@@ -123,19 +123,17 @@ def site_reply(msg: Message, sites: dict[int, str], *, with_update: bool) -> Sit
     node = msg.metadata.src_node_id
     if msg.has_error():
         reason = msg.error.reason.splitlines()[0][:300] if msg.error.reason else "error"
-        return SiteReply(sites.get(node, f"node-{node}"), error=reason)
+        return SiteReply(sites.get(node, f"node-{node}"), error=reason, node=node)
     site = str(msg.content.config_records["site"]["name"])
     sites[node] = site
     metrics = dict(msg.content.metric_records["metrics"])
-    if not with_update:
-        return SiteReply(site, metrics)
-    if not has_model(msg.content):
-        return SiteReply(site, metrics)
+    if not with_update or not has_model(msg.content):
+        return SiteReply(site, metrics, node=node)
     try:
         weights = model_of(msg.content)
     except ValueError as err:
-        return SiteReply(site, metrics, unreadable=str(err))
-    return SiteReply(site, metrics, weights)
+        return SiteReply(site, metrics, unreadable=str(err), node=node)
+    return SiteReply(site, metrics, weights, node=node)
 
 
 def flower_aggregate(
@@ -143,13 +141,15 @@ def flower_aggregate(
 ) -> Weights | None:
     """Aggregate the accepted replies with the strategy's own rule (in float32, as Flower's
     strategies expect); None when it returns no model."""
-    names = {r.site for r in accepted}
+    # each accepted update by the node that sent it (not by the site name it claims), in the
+    # named float32 arrays the strategy's rules read, like the record it was configured with
+    updates = {r.node: r.weights for r in accepted if r.weights is not None}
     chosen = []
     for msg in replies:
-        if msg.has_error() or str(msg.content.config_records["site"]["name"]) not in names:
+        weights = updates.pop(msg.metadata.src_node_id, None)
+        if weights is None or msg.has_error():
             continue
-        # the strategy's rules read named float32 arrays, like the record it was configured with
-        msg.content[ARRAYS] = as_record(model_of(msg.content))
+        msg.content[ARRAYS] = as_record(weights)
         chosen.append(msg)
     arrays, _ = strategy.aggregate_train(server_round, chosen)
     if arrays is None:

@@ -12,7 +12,10 @@ in the database (registrations and runs survive a restart, as before) and the ob
 Flower's own in-memory object store, which Flower uses when there is no database at all.
 Objects are only ever in transit: a message's objects are deleted once it is delivered, and
 the messages of a run a restarted server did not finish are not resumed (``fedct server``
-stops such runs and resumes from the FedCT checkpoint instead).
+stops such runs and resumes from the FedCT checkpoint instead). As in Flower's own store, a
+message that is never delivered (its site dropped out mid-round) keeps its objects until the run
+ends: at most one model per round of a site's absence, shared by every message of the round,
+since objects are stored by content hash. Before, the same objects stayed in the database file.
 
 Flower offers no setting for this; the one name replaced is the factory function
 ``flwr.superlink.main`` calls, and ``tests/test_superlink.py`` fails if a Flower upgrade moves it.

@@ -21,7 +21,9 @@ def test_flower_still_waits_where_fedct_paces() -> None:
     assert "_push_messages(" in loop
     assert "time.sleep(0.5)" in inspect.getsource(sci._push_messages)
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        assert {"initial_backoff", "backoff_cap"} <= (fn.__kwdefaults__ or {}).keys()
+        defaults = fn.__kwdefaults__ or {}
+        assert {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= defaults.keys()
+        assert defaults["max_time"] >= 3600  # what bounds a pull once tries are unbounded
 
 
 def _fake_supernode() -> types.ModuleType:
@@ -74,5 +76,6 @@ def test_pulls_retry_soon(monkeypatch: pytest.MonkeyPatch) -> None:
 
     start = time.monotonic()
     assert inflatable_utils.pull_objects(["a"], pull) == {"a": b"content"}
+    assert inflatable_utils.pull_objects.__kwdefaults__["max_tries_per_object"] is None
     # 0.05 + 0.1 + 0.2 + 0.2 + 0.2 s (with Flower's own backoff: 1 + 2 + 4 + 8 + 10 s)
     assert time.monotonic() - start < 1.2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedct.common.flower_records import model_of, model_records, put_model
 from fedct.common.models import ModelConfig, build_model
@@ -68,6 +68,29 @@ def test_a_message_without_a_packed_model_is_refused() -> None:
     flat, layout = pack(_weights())
     with pytest.raises(ValueError, match="one flat array"):
         unpack(flat.reshape(2, -1), layout)
-    with pytest.raises(ValueError, match="floating-point"):
+    with pytest.raises(ValueError, match="float16 or float32"):
         unpack(flat.astype(np.int32), layout)
+    with pytest.raises(ValueError, match="float16 or float32"):
+        unpack(flat.astype(">f4"), layout)  # torch reads only this machine's byte order
+    with pytest.raises(ValueError, match="float16 or float32"):
+        unpack(flat.astype(np.float64), layout)
     assert Layout.from_config(ConfigRecord(layout.as_config())) == layout
+
+
+def test_a_hostile_array_header_is_a_reason_not_a_crash() -> None:
+    import io
+
+    from flwr.app import Array
+
+    header = io.BytesIO()  # an .npy header claiming 10^30 values
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**30,)}
+    )
+    _, layout = model_records(_weights())
+    for array in (
+        Array("<f4", (4,), "numpy.ndarray", header.getvalue()),
+        Array("<f4", (4,), "torch.raw", b"\0" * 16),  # not NumPy's serialisation
+    ):
+        content = RecordDict({"arrays": ArrayRecord({"model": array}), "layout": layout})
+        with pytest.raises(ValueError, match="cannot be read"):
+            model_of(content)

@@ -348,3 +348,40 @@ def test_round_line_says_no_dp_without_privacy() -> None:
     assert "nan" not in line
     assert "AUROC slice 0.910 · series 0.950 · patient 0.960 (1 of 3 sites)" in line
     assert "tied" not in line
+
+
+@pytest.mark.parametrize("strategy_name", ["fedmedian", "fedtrimmedavg", "krum"])
+def test_robust_strategies_aggregate_only_the_accepted_updates(strategy_name: str) -> None:
+    values = [1.0, 2.0, 4.0, 3.0]
+    excluded = _update(1e6)  # beyond max-update-norm: excluded, so no rule may see it
+    replies = [
+        train_reply(f"s{i}", i + 1, _update(v), {"num-examples": 10}) for i, v in enumerate(values)
+    ] + [train_reply("bad", 9, excluded, {"num-examples": 10})]
+    settings = {"strategy": strategy_name, "max-update-norm": 1e5}
+    report = _sorted(replies, **settings)
+    assert "exceeds the limit" in report.excluded["bad"]
+    fed = _fed(**settings)
+    new = _aggregate(make_strategy(fed), fed, report, REFERENCE, replies)
+    assert list(new) == list(REFERENCE)
+    for key, value in new.items():
+        assert value.dtype == np.float32
+        assert value.shape == REFERENCE[key].shape
+        assert 1.0 <= float(value.min()) <= float(value.max()) <= 4.0  # never the outlier
+    if strategy_name == "fedmedian":
+        np.testing.assert_allclose(new["fc.bias"], np.median(values))
+
+
+def test_a_reply_claiming_an_accepted_sites_name_is_not_aggregated() -> None:
+    from fedct.common.flower_records import LAYOUT
+
+    impostor = train_reply("s0", 3, _update(2.0), {"num-examples": 10})
+    impostor.content[LAYOUT]["dims"] = [1]  # a model that cannot be read
+    replies = [
+        train_reply("s0", 1, _update(1.0), {"num-examples": 10}),
+        train_reply("s1", 2, _update(3.0), {"num-examples": 10}),
+        impostor,
+    ]
+    fed = _fed(strategy="fedmedian")
+    report = _sorted(replies, strategy="fedmedian")
+    new = _aggregate(make_strategy(fed), fed, report, REFERENCE, replies)  # no crash
+    np.testing.assert_allclose(new["fc.bias"], 2.0)  # the median of the two real updates
