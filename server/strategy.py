@@ -92,9 +92,10 @@ def strategy_record(fed: FederationConfig, weights: Weights, *, train: bool) -> 
     return ArrayRecord()
 
 
-def as_record(weights: Weights, dtype: str = "float32") -> ArrayRecord:
+def as_record(weights: Weights) -> ArrayRecord:
+    """Named float32 arrays, as Flower's strategies read them."""
     return ArrayRecord(
-        {k: Array(np.asarray(v).astype(dtype, copy=False)) for k, v in weights.items()}
+        {k: Array(np.asarray(v).astype(np.float32, copy=False)) for k, v in weights.items()}
     )
 
 

@@ -263,28 +263,15 @@ def render_slice(
     image[lungs] += vessel_layer[lungs]
 
     mask = np.zeros_like(image, dtype=bool)
-    for granuloma in a.granulomas:
-        radius, fill = nodule_radius_in_slice(granuloma, z, thickness)
-        if radius > 0:
-            layer = np.zeros_like(image)
-            x, y, _ = granuloma.center_mm
-            _add_disk(layer, xx, yy, x, y, radius, (granuloma.hu - LUNG) * fill, soft_edge)
-            image[lungs] += layer[lungs]
+    for granuloma in a.granulomas:  # drawn like a nodule, never in the lesion mask
+        drawn = _lesion_layer(granuloma, image, xx, yy, z, thickness, soft_edge)
+        if drawn is not None:
+            image[lungs] += drawn[0][lungs]
     for nodule in a.nodules:
-        radius, fill = nodule_radius_in_slice(nodule, z, thickness)
-        if radius <= 0:
+        drawn = _lesion_layer(nodule, image, xx, yy, z, thickness, soft_edge)
+        if drawn is None:
             continue
-        layer = np.zeros_like(image)
-        _add_disk(
-            layer,
-            xx,
-            yy,
-            nodule.center_mm[0],
-            nodule.center_mm[1],
-            radius,
-            (nodule.hu - LUNG) * fill,
-            soft_edge,
-        )
+        layer, radius = drawn
         image[lungs] = (
             np.maximum(image[lungs], LUNG + layer[lungs])
             if nodule.hu < -300
@@ -292,6 +279,26 @@ def render_slice(
         )
         mask |= _ellipse(xx, yy, nodule.center_mm[0], nodule.center_mm[1], radius, radius) < 0
     return image, mask & lungs
+
+
+def _lesion_layer(
+    lesion: Nodule,
+    like: np.ndarray,
+    xx: np.ndarray,
+    yy: np.ndarray,
+    z: float,
+    thickness: float,
+    soft_edge: float,
+) -> tuple[np.ndarray, float] | None:
+    """The lesion's disk in the slice at ``z`` (HU above lung) and its radius; None when the
+    slice misses it."""
+    radius, fill = nodule_radius_in_slice(lesion, z, thickness)
+    if radius <= 0:
+        return None
+    layer = np.zeros_like(like)
+    x, y, _ = lesion.center_mm
+    _add_disk(layer, xx, yy, x, y, radius, (lesion.hu - LUNG) * fill, soft_edge)
+    return layer, radius
 
 
 def scan(
