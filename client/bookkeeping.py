@@ -21,7 +21,8 @@ exactly Opacus' clipped update (tests/test_bookkeeping.py). Written by hand beca
 maintained library does it for Opacus 1.6 (the paper's fastDP is not on PyPI), and it is what
 brings a DP step of a ResNet trained from scratch near a plain one (docs/benchmarks.md).
 Supports the layers of FedCT's models: Conv2d (ungrouped), weight-standardized Conv2d,
-GroupNorm and Linear; anything else is refused up front.
+GroupNorm, FedCT's per-channel affine (``freeze = film``) and Linear; anything else is
+refused up front.
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ from opacus.utils.module_utils import trainable_modules
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
-from fedct.client.grad_samplers import standardization, through_standardization, unfolded
+from fedct.client.grad_samplers import (
+    channel_affine_per_sample,
+    standardization,
+    through_standardization,
+    unfolded,
+)
 from fedct.common.errors import ConfigError
-from fedct.common.models import WSConv2d
+from fedct.common.models import ChannelAffine, WSConv2d
 
 ClippedSum = Callable[[Tensor], dict[Tensor, Tensor]]  # clipping factors -> Σ c_i g_i
 Sampler = TypeVar("Sampler", bound=Callable[..., tuple[dict[Tensor, Tensor], ClippedSum]])
@@ -248,6 +254,15 @@ def _group_norm(
     layer: nn.GroupNorm, x: Tensor, backprops: Tensor
 ) -> tuple[dict[Tensor, Tensor], ClippedSum]:
     per_sample = compute_group_norm_grad_sample(layer, [x], backprops)  # (n, C) each: small
+    norms = {p: g.norm(2, dim=1) for p, g in per_sample.items()}
+    return norms, lambda coef: {p: coef @ g for p, g in per_sample.items()}
+
+
+@_norm_sampler(ChannelAffine)
+def _channel_affine(
+    layer: ChannelAffine, x: Tensor, backprops: Tensor
+) -> tuple[dict[Tensor, Tensor], ClippedSum]:
+    per_sample = channel_affine_per_sample(layer, x, backprops)  # (n, C) each: small
     norms = {p: g.norm(2, dim=1) for p, g in per_sample.items()}
     return norms, lambda coef: {p: coef @ g for p, g in per_sample.items()}
 

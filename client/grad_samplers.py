@@ -13,7 +13,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
-from fedct.common.models import WSConv2d
+from fedct.common.models import ChannelAffine, WSConv2d
 
 
 def unfolded(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor):
@@ -68,3 +68,23 @@ def weight_standardized_conv_grad_sample(
     if layer.bias is not None and layer.bias.requires_grad:
         result[layer.bias] = grads_out.sum(dim=2)
     return result
+
+
+def channel_affine_per_sample(
+    layer: ChannelAffine, x: torch.Tensor, backprops: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of ``y = weight * x + bias`` per channel: ``Σ_positions g x`` and
+    ``Σ_positions g``, (n, C) each - small, so both clipping modes use them as they are."""
+    result: dict[torch.Tensor, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        result[layer.weight] = (backprops * x).flatten(2).sum(dim=2)
+    if layer.bias.requires_grad:
+        result[layer.bias] = backprops.flatten(2).sum(dim=2)
+    return result
+
+
+@register_grad_sampler(ChannelAffine)
+def channel_affine_grad_sample(
+    layer: ChannelAffine, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    return channel_affine_per_sample(layer, activations[0].to(backprops.dtype), backprops)

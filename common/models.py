@@ -39,7 +39,7 @@ from fedct.common.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ARCHITECTURES: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {}
-FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "bias", "last1", "last2", "last3")
+FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "bias", "film", "last1", "last2", "last3")
 NORMS: tuple[str, ...] = ("group", "folded")
 STEMS: tuple[str, ...] = ("imagenet", "compact")
 POOLS: tuple[str, ...] = ("avg", "max")
@@ -93,6 +93,25 @@ class WSConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+class ChannelAffine(nn.Module):
+    """A per-channel scale and shift, ``y = weight * x + bias``, in the place of a folded
+    BatchNorm; it starts as the identity (weight 1, bias 0), so the folded network computes
+    exactly the pretrained function. Training only these (``freeze = film``, with the head) is
+    FiLM fine-tuning (Perez et al., 2018; under DP, Tobaben et al., 2023): the sites re-scale
+    and re-centre every channel of the pretrained filters - what a BatchNorm's affine
+    parameters do - with 2 parameters a channel (9,600 for ResNet-18), so DP noise spreads over
+    few coordinates. Per-sample gradients: :mod:`client.grad_samplers`, :mod:`client.bookkeeping`.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
 class WidthResNet(ResNet):
@@ -229,8 +248,9 @@ def build_model(cfg: ModelConfig) -> ResNet:
     """A DP-compatible ResNet per ``cfg``, initialised from ``cfg.pretrained`` if given."""
     block, layers = ARCHITECTURES[cfg.architecture]
     if cfg.norm == "folded":
-        # No normalisation layers; every convolution gets the bias a folded BatchNorm leaves.
-        model = ResNet(block, layers, num_classes=cfg.num_classes, norm_layer=_no_norm)
+        # No normalisation: every convolution gets the bias a folded BatchNorm leaves, and an
+        # identity ChannelAffine stands where the BatchNorm was (trained by freeze = film).
+        model = ResNet(block, layers, num_classes=cfg.num_classes, norm_layer=ChannelAffine)
         _replace_convolutions(model, nn.Conv2d, bias=True)
     elif cfg.width != 64:
         model = WidthResNet(
@@ -342,6 +362,21 @@ def load_folded(model: ResNet, path: Path) -> None:
             state[weight].float(), None, mean, var, 1e-5, gamma, beta
         )
         loaded[weight], loaded[bias] = fused_w.detach(), fused_b.detach()
+    for name, module in model.named_modules():
+        if not isinstance(module, ChannelAffine):
+            continue
+        # a folded file's trained affine (FedCT's own global models); identity where the file's
+        # BatchNorm was just folded into the convolution, or where an older file has none
+        keys = (f"{name}.weight", f"{name}.bias")
+        folded_here = f"{name}.running_mean" in state
+        for key, param in zip(keys, (module.weight, module.bias), strict=True):
+            value = state.get(key)
+            if value is not None and not folded_here and value.shape != param.shape:
+                raise ConfigError(
+                    f"{path}: weight {key!r} has shape {tuple(value.shape)}, the model "
+                    f"expects {tuple(param.shape)}; wrong architecture?"
+                )
+            loaded[key] = value if value is not None and not folded_here else param.detach()
     missing = [k for k in own if not k.startswith("fc.") and k not in loaded]
     if missing:
         raise ConfigError(f"{path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r}")
@@ -368,10 +403,6 @@ def _matching_head(
         log.info("%s: keeping its classifier head (same number of classes)", path.name)
         return head
     return {}
-
-
-def _no_norm(channels: int) -> nn.Module:
-    return nn.Identity()
 
 
 def read_state_dict(path: Path) -> Mapping[str, Tensor]:
@@ -439,6 +470,19 @@ def apply_freeze(model: ResNet, policy: str) -> None:
     if policy == "bias":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("fc.") or name.endswith(".bias"))
+        return
+    if policy == "film":
+        affine = [m for m in model.modules() if isinstance(m, ChannelAffine)]
+        if not affine:
+            raise ConfigError(
+                'freeze = "film" trains the per-channel affine of a folded network; it needs '
+                'pretrained BatchNorm weights (norm = "folded")'
+            )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in (model.fc, *affine):
+            for p in module.parameters():
+                p.requires_grad_(True)
         return
     trainable_stages = 0 if policy == "head" else int(policy.removeprefix("last"))
     stages = [model.layer1, model.layer2, model.layer3, model.layer4]

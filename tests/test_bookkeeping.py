@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from fedct.client.bookkeeping import BookkeepingModule
 from fedct.client.training import TrainConfig, train_local
 from fedct.common.errors import ConfigError
-from fedct.common.models import ModelConfig, build_model
+from fedct.common.models import ChannelAffine, ModelConfig, build_model
 
 
 def _clipped_sum_by_definition(
@@ -34,17 +34,25 @@ def _clipped_sum_by_definition(
     return total
 
 
-@pytest.mark.parametrize("norm", ["group", "folded"])
-@pytest.mark.parametrize("freeze", ["none", "last1", "bias"])
+@pytest.mark.parametrize(
+    ("norm", "freeze"),
+    [(n, f) for n in ("group", "folded") for f in ("none", "last1", "bias")] + [("folded", "film")],
+)
 @pytest.mark.parametrize("clip", [1e-3, 1e6])  # every sample clipped / none clipped
 def test_bookkeeping_gives_the_clipped_sum_of_true_per_sample_gradients(
     norm: str, freeze: str, clip: float
 ) -> None:
     """At 40 px the model has stages where the per-sample gradient is taken (early: many
     positions) and stages where only its ghost norm is (late): both paths, both conv kinds
-    (weight-standardized for group, biased for folded), GroupNorm and Linear are checked."""
+    (weight-standardized for group, biased for folded), GroupNorm, the folded network's
+    per-channel affine and Linear are checked."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(norm=norm, freeze=freeze)).double().train()
+    with torch.no_grad():  # an affine away from the identity, so its chain rule is exercised
+        for m in model.modules():
+            if isinstance(m, ChannelAffine):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
     x, y = torch.randn(5, 3, 40, 40, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
     expected = _clipped_sum_by_definition(model, x, y, clip)
     wrapped = BookkeepingModule(model, max_grad_norm=clip)

@@ -12,7 +12,7 @@ from torch import nn
 
 import fedct.client.grad_samplers  # noqa: F401  (registers the WSConv2d grad sampler)
 from fedct.common.errors import ConfigError
-from fedct.common.models import ModelConfig, WSConv2d, build_model
+from fedct.common.models import ChannelAffine, ModelConfig, WSConv2d, build_model
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -100,6 +100,22 @@ def test_bias_freeze_policy_trains_the_head_and_every_bias(norm: str) -> None:
     assert len(biases) > 10
 
 
+def test_film_freeze_policy_trains_the_head_and_every_channel_affine() -> None:
+    model = build_model(ModelConfig(norm="folded", freeze="film"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    affine = {
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, ChannelAffine)
+        for p in ("weight", "bias")
+    }
+    assert trainable == {"fc.weight", "fc.bias", *affine}
+    assert {"bn1.weight", "layer4.1.bn2.bias", "layer2.0.downsample.1.weight"} <= affine
+    assert sum(p.numel() for n, p in model.named_parameters() if n in affine) == 9600
+    with pytest.raises(ConfigError, match="folded"):
+        build_model(ModelConfig(norm="group", freeze="film"))
+
+
 def test_config_errors_list_allowed_values() -> None:
     with pytest.raises(ConfigError, match="resnet18"):
         ModelConfig(architecture="vgg16")
@@ -141,19 +157,33 @@ def test_folded_model_computes_exactly_the_pretrained_batchnorm_network(tmp_path
         again(gray), reference(gray.expand(-1, 3, -1, -1)), atol=1e-4, rtol=1e-4
     )
 
+    # A global model whose per-channel affine was fine-tuned (freeze = film) keeps it.
+    with torch.no_grad():
+        model.layer3[1].bn2.weight.mul_(1.5)
+        model.bn1.bias.add_(0.2)
+    tuned = tmp_path / "tuned.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tuned))
+    reloaded = build_model(ModelConfig(pretrained=tuned, norm="folded"))
+    torch.testing.assert_close(reloaded(x), model(x))
+    assert not torch.allclose(reloaded(x), reference(x), atol=1e-3)
 
-def test_folded_model_gets_true_per_sample_gradients_for_its_head() -> None:
-    model = build_model(ModelConfig(norm="folded", freeze="head")).train()
-    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 1])
+
+@pytest.mark.parametrize("freeze", ["head", "film"])
+def test_folded_model_gets_true_per_sample_gradients(freeze: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(norm="folded", freeze=freeze)).double().train()
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 1])
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     gsm = GradSampleModule(model, loss_reduction="sum")
     nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
-    per_sample = model.fc.weight.grad_sample.clone()
+    per_sample = {n: p.grad_sample.clone() for n, p in trainable.items()}
     gsm.remove_hooks()
     gsm.cleanup()
     for i in range(3):
         model.zero_grad()
         nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
-        torch.testing.assert_close(per_sample[i], model.fc.weight.grad, atol=1e-5, rtol=1e-4)
+        for name, p in trainable.items():
+            torch.testing.assert_close(per_sample[name][i], p.grad, msg=name)
 
 
 def test_groupnorm_weights_cannot_be_folded(tmp_path: Path) -> None:
