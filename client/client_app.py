@@ -19,7 +19,7 @@ from fedct.client.bundle_check import BUNDLE_HASH_ENV
 from fedct.client.rounds import Metrics, evaluate_round, train_round
 from fedct.common import audit
 from fedct.common.config import FederationConfig, SiteConfig
-from fedct.common.flower_records import ARRAYS, model_of, put_model
+from fedct.common.flower_records import ARRAYS, model_of, put_update
 from fedct.common.version import FEDCT_VERSION, VersionMismatchError, require_same_version
 from fedct.common.weights import Weights
 
@@ -108,8 +108,8 @@ def _reply(
     site: SiteConfig,
     metrics: Metrics,
     status: str,
-    weights: Weights | None = None,
-    dtype: str = "float32",
+    update: tuple[Weights, Weights] | None = None,
+    dtype: str = "float16",
 ) -> Message:
     content = RecordDict(
         {
@@ -117,8 +117,8 @@ def _reply(
             "site": ConfigRecord({"name": site.site_name, "status": status}),
         }
     )
-    if weights is not None:
-        put_model(content, weights, dtype)
+    if update is not None:  # (trained, received): sent as the update, in ``dtype``
+        put_update(content, *update, dtype)
     return Message(content=content, reply_to=msg)
 
 
@@ -128,11 +128,13 @@ def train(msg: Message, context: Context) -> Message:
     fed = run_settings(context)
     site = site_config(context, fed)
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
-    reply = train_round(site, fed, _weights(msg), server_round=server_round)
+    received = _weights(msg)
+    reply = train_round(site, fed, received, server_round=server_round)
     # the whole local step (data from the cache, model, training, ledger), for the overhead
     # benchmark: what the round takes beyond this is the federation's cost
     metrics = {**reply.metrics, "handler-seconds": time.perf_counter() - start}
-    out = _reply(msg, site, metrics, reply.status, reply.weights, fed.transfer_dtype)
+    update = None if reply.weights is None else (reply.weights, received)
+    out = _reply(msg, site, metrics, reply.status, update, fed.update_dtype)
     _audit(site, context, "train", server_round, out)
     return out
 

@@ -220,7 +220,7 @@ def train_round(
     # whose metrics have the same keys
     quantiles = hu_quantiles(dataset.images) or (math.nan,) * len(HU_PERCENT)
     metrics["train-hu-quantiles"] = list(quantiles)
-    return TrainReply(model_weights(model, fed.transfer_dtype), metrics, "ok")
+    return TrainReply(model_weights(model), metrics, "ok")
 
 
 def _epsilon_after(ledger: Ledger, sigma: float, q: float, steps: int) -> float:

@@ -69,7 +69,8 @@ class FederationConfig:
     min_sites: int = 2
     fraction_train: float = 1.0
     round_timeout: float = 3600.0
-    transfer_dtype: str = "float32"
+    transfer_dtype: str = "float32"  # the model sent to the sites
+    update_dtype: str = "float16"  # the sites' updates (trained - received weights) sent back
     max_update_norm: float = 1.0e4
     min_eval_cases: int = 10
     min_eval_patients: int = 5  # sites holding out fewer send no series- or patient-level scores
@@ -106,6 +107,8 @@ class FederationConfig:
             )
         if self.transfer_dtype not in TRANSFER_DTYPES:
             raise ConfigError(f"transfer-dtype must be one of {', '.join(TRANSFER_DTYPES)}")
+        if self.update_dtype not in TRANSFER_DTYPES:
+            raise ConfigError(f"update-dtype must be one of {', '.join(TRANSFER_DTYPES)}")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):

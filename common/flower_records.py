@@ -4,6 +4,13 @@ The one place that knows how FedCT's messages carry a model, for the ServerApp, 
 and the replies the server's tests make: an ``ArrayRecord`` ``"arrays"`` holding the single
 array ``"model"``, and a ``ConfigRecord`` ``"layout"`` naming its parts. Flower's strategies
 see one array per message, which every one of their rules treats element by element.
+
+A site's trained model travels as its **update**: the trained weights less the ones it received
+(``put_update``; the layout says so, ``is_update``), which the server validates and averages as
+it is and adds to the model it sent. The update carries the same information, but its values are
+a round's small changes, which float16 (``update-dtype``) keeps to ~3 significant digits where
+it would round the weights themselves by more than one step of training changes them: half the
+bytes of the slowest crossing, the site's upload, at no cost in accuracy.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from fedct.common.weights import Layout, Weights, pack, unpack
 ARRAYS = "arrays"
 LAYOUT = "layout"
 MODEL = "model"
+RELATIVE = "relative-to-received"  # the layout's flag: the values are an update, not weights
 
 
 def model_records(weights: Weights, dtype: str = "float32") -> tuple[ArrayRecord, ConfigRecord]:
@@ -32,13 +40,28 @@ def put_model(content: RecordDict, weights: Weights, dtype: str = "float32") -> 
     content[ARRAYS], content[LAYOUT] = model_records(weights, dtype)
 
 
+def put_update(
+    content: RecordDict, trained: Weights, received: Weights, dtype: str = "float16"
+) -> None:
+    """Add the update ``trained - received`` (computed in float32, sent as ``dtype``)."""
+    update = {k: np.subtract(v, received[k], dtype=np.float32) for k, v in trained.items()}
+    put_model(content, update, dtype)
+    content.config_records[LAYOUT][RELATIVE] = True
+
+
 def has_model(content: RecordDict) -> bool:
     return ARRAYS in content.array_records
 
 
+def is_update(content: RecordDict) -> bool:
+    """Whether the message's model is an update relative to the model its site received."""
+    layout = content.config_records.get(LAYOUT)
+    return layout is not None and layout.get(RELATIVE, False) is True
+
+
 def model_of(content: RecordDict) -> Weights:
-    """The model a message carries, as named read-only views (no copy); ValueError with a
-    one-line reason when it is not a model in FedCT's format."""
+    """The model (or update, :func:`is_update`) a message carries, as named read-only views (no
+    copy); ValueError with a one-line reason when it is not a model in FedCT's format."""
     arrays = content.array_records.get(ARRAYS)
     layout = content.config_records.get(LAYOUT)
     if arrays is None or layout is None or list(arrays.keys()) != [MODEL]:

@@ -42,9 +42,12 @@ def weight_problem(
     reference: Mapping[str, np.ndarray],
     *,
     max_distance: float | None = None,
+    relative: bool = False,
 ) -> str | None:
     """Why ``weights`` cannot be used in place of ``reference`` (keys, shapes, dtypes,
-    non-finite values, L2 distance above ``max_distance``), or ``None`` if they can."""
+    non-finite values, L2 distance above ``max_distance``), or ``None`` if they can. With
+    ``relative``, ``weights`` is an update to be added to ``reference``: its distance is its
+    own norm."""
     missing = sorted(set(reference) - set(weights))
     extra = sorted(set(weights) - set(reference))
     if missing or extra:
@@ -59,11 +62,11 @@ def weight_problem(
             return f"{key} has dtype {value.dtype}, expected floating point"
         # One pass for both checks: a NaN or infinity anywhere makes the squared distance
         # non-finite (the reference is finite); only then is the exact reason looked for.
-        key_squared = _squared_distance(value, ref, scratch)
+        key_squared = _squared_distance(value, None if relative else ref, scratch)
         if not np.isfinite(key_squared):
             if not np.isfinite(value).all():
                 return f"{key} has non-finite values"
-            diff = value.astype(np.float64) - ref  # finite but overflowing float32
+            diff = value.astype(np.float64) - (0 if relative else ref)  # overflowing float32
             key_squared = float(np.dot(diff.ravel(), diff.ravel()))
         squared += key_squared
     if max_distance is not None and squared > max_distance**2:
@@ -76,15 +79,24 @@ def weight_problem(
 _BLOCK = 1 << 18  # float32 values (1 MiB)
 
 
-def _squared_distance(value: np.ndarray, ref: np.ndarray, scratch: np.ndarray) -> float:
-    flat_value, flat_ref = value.reshape(-1), ref.reshape(-1)
+def _squared_distance(value: np.ndarray, ref: np.ndarray | None, scratch: np.ndarray) -> float:
+    """``||value - ref||²`` (``ref`` None: ``||value||²``) in float32, whatever ``value`` is."""
+    flat_value = value.reshape(-1)
     total = 0.0
-    for start in range(0, flat_ref.size, _BLOCK):
-        stop = min(start + _BLOCK, flat_ref.size)
+    for start in range(0, flat_value.size, _BLOCK):
+        stop = min(start + _BLOCK, flat_value.size)
         diff = scratch[: stop - start]
-        np.subtract(flat_value[start:stop], flat_ref[start:stop], out=diff)
+        if ref is None:
+            np.copyto(diff, flat_value[start:stop])
+        else:
+            np.subtract(flat_value[start:stop], ref.reshape(-1)[start:stop], out=diff)
         total += float(np.dot(diff, diff))
     return total
+
+
+def applied(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Weights:
+    """``base + update`` as new float32 arrays (an update validated against ``base``)."""
+    return {k: np.add(ref, update[k], dtype=np.float32) for k, ref in base.items()}
 
 
 # --- one flat array on the wire -------------------------------------------------------------

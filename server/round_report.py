@@ -41,7 +41,8 @@ class SiteReply:
 
     site: str
     metrics: dict[str, Any] = field(default_factory=dict)
-    weights: Weights | None = None  # read-only views of the update (train replies)
+    weights: Weights | None = None  # read-only views of the model or update (train replies)
+    relative: bool = False  # weights is an update, trained - sent (common/flower_records.py)
     error: str | None = None  # the site's ClientApp failed: the first line of its error
     unreadable: str | None = None  # the update's arrays could not be read: why
     node: int | None = None  # the Flower node that sent it
@@ -171,16 +172,25 @@ def update_problem(reply: SiteReply, global_weights: Weights, max_update_norm: f
         return f"unreadable array ({reply.unreadable})"
     if reply.weights is None:
         return "no model update in the reply"
-    return weight_problem(reply.weights, global_weights, max_distance=max_update_norm)
+    return weight_problem(
+        reply.weights, global_weights, max_distance=max_update_norm, relative=reply.relative
+    )
 
 
 def weighted_mean(global_weights: Weights, accepted: list[SiteReply]) -> Weights:
     """FedAvg's example-weighted mean of the accepted updates, summed straight from their
-    read-only views (float16 transfers are summed in float32)."""
-    updates = [(r.weights, float(r.metrics["num-examples"])) for r in accepted if r.weights]
+    read-only views (float16 transfers are summed in float32). A site's update relative to
+    ``global_weights`` counts as ``global_weights + update``: the relative ones are summed as
+    they are, and ``global_weights`` is added once with their share of the weight."""
+    updates = [
+        (r.weights, float(r.metrics["num-examples"]), r.relative) for r in accepted if r.weights
+    ]
     if len(updates) != len(accepted):
         raise ValueError("an accepted reply without an update: sort the replies first")
-    mean = WeightedMean(global_weights, sum(size for _, size in updates))
-    for update, size in updates:
+    mean = WeightedMean(global_weights, sum(size for _, size, _ in updates))
+    for update, size, _ in updates:
         mean.add(update, size)
+    relative = sum(size for _, size, is_relative in updates if is_relative)
+    if relative:
+        mean.add(global_weights, relative)
     return mean.result()

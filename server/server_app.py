@@ -255,5 +255,5 @@ def _aggregate(
         return weights
     if fed.strategy in STREAMED_MEAN:
         return weighted_mean(weights, report.accepted)
-    aggregated = flower_aggregate(strategy, report.round, report.accepted, replies)
+    aggregated = flower_aggregate(strategy, report.round, report.accepted, replies, weights)
     return weights if aggregated is None else aggregated

@@ -26,9 +26,16 @@ from flwr.serverapp.strategy import (
 )
 
 from fedct.common.config import FederationConfig
-from fedct.common.flower_records import ARRAYS, LAYOUT, has_model, model_of, model_records
+from fedct.common.flower_records import (
+    ARRAYS,
+    LAYOUT,
+    has_model,
+    is_update,
+    model_of,
+    model_records,
+)
 from fedct.common.training_stats import TrainingStats
-from fedct.common.weights import Weights
+from fedct.common.weights import Weights, applied
 from fedct.server.round_report import SiteReply
 
 # Strategies whose aggregation is exactly FedAvg's weighted mean (FedProx differs only on the
@@ -134,23 +141,29 @@ def site_reply(msg: Message, sites: dict[int, str], *, with_update: bool) -> Sit
         weights = model_of(msg.content)
     except ValueError as err:
         return SiteReply(site, metrics, unreadable=str(err), node=node)
-    return SiteReply(site, metrics, weights, node=node)
+    return SiteReply(site, metrics, weights, node=node, relative=is_update(msg.content))
 
 
 def flower_aggregate(
-    strategy: Strategy, server_round: int, accepted: list[SiteReply], replies: list[Message]
+    strategy: Strategy,
+    server_round: int,
+    accepted: list[SiteReply],
+    replies: list[Message],
+    sent: Weights,
 ) -> Weights | None:
     """Aggregate the accepted replies with the strategy's own rule (in float32, as Flower's
-    strategies expect); None when it returns no model."""
+    strategies expect); None when it returns no model. ``sent``: the model the sites trained
+    from, to which their updates are added (Flower's rules read trained weights)."""
     # each accepted update by the node that sent it (not by the site name it claims), in the
     # named float32 arrays the strategy's rules read, like the record it was configured with
-    updates = {r.node: r.weights for r in accepted if r.weights is not None}
+    updates = {r.node: r for r in accepted if r.weights is not None}
     chosen = []
     for msg in replies:
-        weights = updates.pop(msg.metadata.src_node_id, None)
-        if weights is None or msg.has_error():
+        reply = updates.pop(msg.metadata.src_node_id, None)
+        if reply is None or reply.weights is None or msg.has_error():
             continue
-        msg.content[ARRAYS] = as_record(weights)
+        trained = applied(reply.weights, sent) if reply.relative else reply.weights
+        msg.content[ARRAYS] = as_record(trained)
         chosen.append(msg)
     arrays, _ = strategy.aggregate_train(server_round, chosen)
     if arrays is None:

@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedct.common.flower_records import ARRAYS, LAYOUT, put_model
+from fedct.common.flower_records import ARRAYS, LAYOUT, put_model, put_update
 
 SERVER_NODE = 0
 
@@ -26,9 +26,12 @@ def train_reply(
     node_id: int,
     weights: Mapping[str, np.ndarray] | tuple[ArrayRecord, ConfigRecord] | None,
     metrics: Mapping[str, int | float],
+    *,
+    sent: Mapping[str, np.ndarray] | None = None,
 ) -> Message:
     """Site ``site``'s reply (from node ``node_id``) to a train message, with ``weights`` as
-    named arrays or as the records ``model_records`` made."""
+    named arrays or as the records ``model_records`` made; with ``sent`` (the model the site
+    was sent), as a site sends them: the float16 update ``weights - sent``."""
     _identify_as_server()
     request = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
     content = RecordDict(
@@ -39,6 +42,8 @@ def train_reply(
     )
     if isinstance(weights, tuple):  # already packed (model_records), e.g. shared by many
         content[ARRAYS], content[LAYOUT] = weights
+    elif weights is not None and sent is not None:
+        put_update(content, dict(weights), dict(sent))
     elif weights is not None:
         dtype = np.result_type(*weights.values()).name if weights else "float32"
         put_model(content, dict(weights), dtype)

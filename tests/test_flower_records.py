@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedct.common.flower_records import model_of, model_records, put_model
+from fedct.common.flower_records import is_update, model_of, model_records, put_model, put_update
 from fedct.common.models import ModelConfig, build_model
-from fedct.common.weights import Layout, model_weights, pack, unpack
+from fedct.common.weights import Layout, applied, model_weights, pack, unpack
 
 
 def _weights() -> dict[str, np.ndarray]:
@@ -94,3 +94,26 @@ def test_a_hostile_array_header_is_a_reason_not_a_crash() -> None:
         content = RecordDict({"arrays": ArrayRecord({"model": array}), "layout": layout})
         with pytest.raises(ValueError, match="cannot be read"):
             model_of(content)
+
+
+def test_a_float16_update_keeps_the_changes_that_float16_weights_would_round_away() -> None:
+    """A site's reply: the update trained - received in float16. Added back to the model sent,
+    it gives the trained weights to float16's precision of the *change* (relative 1e-3), where
+    float16 weights would be off by more than the change itself."""
+    rng = np.random.default_rng(0)
+    sent = {"w": rng.normal(0, 1, 10_000).astype(np.float32)}
+    change = rng.normal(0, 1e-4, 10_000).astype(np.float32)  # one round's small steps
+    trained = {"w": sent["w"] + change}
+    content = RecordDict()
+    put_update(content, trained, sent)
+    assert is_update(content)
+    update = model_of(content)
+    assert update["w"].dtype == np.float16
+    assert not update["w"].flags.writeable
+    error = np.linalg.norm(applied(update, sent)["w"] - trained["w"]) / np.linalg.norm(change)
+    assert error < 2e-3
+    as_weights = RecordDict()
+    put_model(as_weights, trained, "float16")
+    assert not is_update(as_weights)
+    rounded = model_of(as_weights)["w"].astype(np.float32)
+    assert np.linalg.norm(rounded - trained["w"]) / np.linalg.norm(change) > 0.5

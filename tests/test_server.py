@@ -131,6 +131,29 @@ def test_fedavg_is_the_example_weighted_mean_of_the_valid_updates() -> None:
     assert report.record()["exhausted"] == ["d"]
 
 
+@pytest.mark.parametrize(("strategy", "expected"), [("fedavg", 13.25), ("fedmedian", 12.5)])
+def test_updates_relative_to_the_sent_model_count_as_the_trained_model(
+    strategy: str, expected: float
+) -> None:
+    """What sites send (the float16 update, trained - sent) aggregates like the trained
+    weights, beside a reply of trained weights; the norm limit applies to the update itself."""
+    sent = _update(10.0)
+    replies = [
+        train_reply("a", 1, _update(11.0), {"num-examples": 10}, sent=sent),
+        train_reply("b", 2, _update(14.0), {"num-examples": 30}),  # trained weights, float32
+        train_reply("c", 3, _update(70.0), {"num-examples": 10}, sent=sent),  # update norm 170
+    ]
+    settings = {"strategy": strategy, "max-update-norm": 100.0}
+    report = _sorted(replies, sent, **settings)
+    assert set(report.train) == {"a", "b"}  # a: weights at norm 31, update at 2.8
+    assert "update norm 170" in report.excluded["c"]
+    fed = _fed(**settings)
+    new = _aggregate(make_strategy(fed), fed, report, sent, replies)
+    for key, value in new.items():
+        assert value.dtype == np.float32
+        np.testing.assert_allclose(value, np.full(sent[key].shape, expected), rtol=1e-6)
+
+
 def test_too_few_valid_updates_keep_the_previous_model() -> None:
     settings = {"min-sites": 2, "max-update-norm": 1.0}
     replies = [
