@@ -69,8 +69,10 @@ class FederationConfig:
     min_sites: int = 2
     fraction_train: float = 1.0
     round_timeout: float = 3600.0
-    transfer_dtype: str = "float32"  # the model sent to the sites
-    update_dtype: str = "float16"  # the sites' updates (trained - received weights) sent back
+    # the model sent to train (evaluation is always float32) and the sites' updates (trained less
+    # received weights) sent back; the server keeps its model in float32 and adds the updates
+    transfer_dtype: str = "float16"
+    update_dtype: str = "float16"
     max_update_norm: float = 1.0e4
     min_eval_cases: int = 10
     min_eval_patients: int = 5  # sites holding out fewer send no series- or patient-level scores

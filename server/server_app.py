@@ -209,8 +209,9 @@ def _evaluate(
     messages = strategy.configure_evaluate(
         server_round, strategy_record(fed, weights, train=False), evaluation_config(stats), view
     )
+    # float32 whatever transfer-dtype says: the metrics are those of the model the server keeps
     return send_and_receive(
-        grid, for_transfer(messages, weights, fed.transfer_dtype), timeout=fed.round_timeout
+        grid, for_transfer(messages, weights, "float32"), timeout=fed.round_timeout
     )
 
 

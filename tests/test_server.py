@@ -190,6 +190,22 @@ def test_float16_transfer_casts_what_goes_to_the_sites() -> None:
     assert all(v.dtype == np.float32 for v in REFERENCE.values())  # the original is kept
 
 
+def test_a_model_beyond_float16s_range_is_sent_as_float32(caplog: pytest.LogCaptureFixture) -> None:
+    from flwr.app import RecordDict
+
+    from fedct.common.flower_records import model_of
+
+    train_reply("a", 1, None, {})  # sets the task identity messages need
+    large = {**REFERENCE, "fc.bias": np.array([7e4, 1.0], np.float32)}  # float16 ends at 65504
+    (message,) = for_transfer(
+        [Message(RecordDict(), dst_node_id=1, message_type="train")], large, "float16"
+    )
+    received = model_of(message.content)
+    assert received["fc.bias"].dtype == np.float32
+    np.testing.assert_array_equal(received["fc.bias"], large["fc.bias"])
+    assert "sending it as float32" in caplog.text
+
+
 def test_update_distance_spans_blocks_exactly() -> None:
     from fedct.common.weights import _BLOCK
 

@@ -1,6 +1,7 @@
 """Recipe study: FedAvg rounds of FedCT's own local training, in one process, for comparing
 training settings quickly (no Flower processes; same data, splits, model factory, DP-SGD,
-noise calibration and pooled evaluation as a federation).
+noise calibration, wire precision - the model in ``transfer-dtype``, the updates in
+``update-dtype`` - and pooled evaluation as a federation).
 
 Each ``--variant`` is a list of ``KEY=VALUE`` run-config settings applied over the defaults;
 every variant runs on the same sites and seed, one after the other, and the script prints one
@@ -39,7 +40,7 @@ from fedct.common.weights import load_weights, model_weights
 from fedct.server.aggregate import WeightedMean
 
 
-def _sites(root: Path, fed: FederationConfig, cache: Path) -> dict[str, SiteData]:
+def load_sites(root: Path, fed: FederationConfig, cache: Path) -> dict[str, SiteData]:
     return {
         folder.name: load_site(
             folder,
@@ -74,7 +75,7 @@ def _pooled_auroc(
 
 
 def run_variant(fed: FederationConfig, root: Path, cache: Path, *, label: str) -> dict[str, Any]:
-    sites = _sites(root, fed, cache / fed.preprocess.grid.key())
+    sites = load_sites(root, fed, cache / fed.preprocess.grid.key())
     torch.manual_seed(derive_seed(fed.seed, "init") % 2**63)
     model = build_model(replace(fed.model_config, pretrained=fed.model_config.pretrained))
     start = time.perf_counter()
@@ -86,6 +87,8 @@ def run_variant(fed: FederationConfig, root: Path, cache: Path, *, label: str) -
     for rnd in range(1, fed.num_server_rounds + 1):
         updates, sizes, losses = [], [], []
         global_state = model_weights(model)
+        # what crosses the wire: the model in transfer-dtype, each update in update-dtype
+        sent = {k: v.astype(fed.transfer_dtype) for k, v in global_state.items()}
         cfg = train_config(fed, rnd)
         for name, data in sites.items():
             dataset = site_dataset(
@@ -98,7 +101,7 @@ def run_variant(fed: FederationConfig, root: Path, cache: Path, *, label: str) -
                 seed=derive_seed(fed.seed, rnd),
             )
             local = build_model(replace(fed.model_config, pretrained=None))
-            load_weights(local, global_state)
+            load_weights(local, sent)
             n = len(dataset)
             sigma = None
             if fed.dp:
@@ -120,12 +123,16 @@ def run_variant(fed: FederationConfig, root: Path, cache: Path, *, label: str) -
             if sigma is not None:
                 spent[name].append((sigma, result.sample_rate, result.steps))
             steps_total[name] += result.steps
-            updates.append(model_weights(local))
+            trained = model_weights(local)
+            updates.append(
+                {k: np.subtract(v, sent[k]).astype(fed.update_dtype) for k, v in trained.items()}
+            )
             sizes.append(n)
             losses.append(result.mean_loss)
-        mean = WeightedMean(updates[0], sum(sizes))
+        mean = WeightedMean(global_state, sum(sizes))
         for update, size in zip(updates, sizes, strict=True):
             mean.add(update, size)
+        mean.add(global_state, sum(sizes))  # the server adds the mean update to its model
         load_weights(model, mean.result())
         auroc = _pooled_auroc(model, fed, sites)
         row = {
