@@ -16,9 +16,9 @@ from safetensors.numpy import save_file
 from fedct.common.config import FederationConfig
 from fedct.common.errors import ConfigError
 from fedct.common.fileio import atomic_write
-from fedct.common.models import build_model
+from fedct.common.models import build_model, channel_affine_keys
 from fedct.common.training_stats import STATS_KEY, TrainingStats, stats_from_metadata
-from fedct.common.weights import Weights, load_weights
+from fedct.common.weights import Weights, load_weights, model_weights
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet
@@ -87,5 +87,9 @@ def load_model(path: Path) -> tuple[ResNet, FederationConfig]:
     """The model in a FedCT model file, built from its own settings, in eval mode."""
     weights, fed = read_model(path)
     model = build_model(replace(fed.model_config, pretrained=None))
-    load_weights(model, weights)
+    # a folded model written before folded models had a per-channel affine: the identity
+    missing_affine = {
+        k: v for k, v in model_weights(model).items() if k in channel_affine_keys(model)
+    }
+    load_weights(model, {**missing_affine, **weights})
     return model.eval(), fed

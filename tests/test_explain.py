@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch
 
 from fedct.common.augment import eval_transform
 from fedct.common.cli import main
@@ -15,7 +17,7 @@ from fedct.common.dicom_io import read_ct_file
 from fedct.common.errors import ConfigError
 from fedct.common.explain import explain
 from fedct.common.model_file import load_model, read_model, save_model
-from fedct.common.models import build_model
+from fedct.common.models import build_model, channel_affine_keys
 from fedct.common.preprocess import to_model_grid
 from fedct.common.training_stats import (
     NO_STATS_NOTE,
@@ -40,6 +42,31 @@ def test_model_file_carries_its_settings(model_file: Path) -> None:
     assert fed.image_size == 32
     assert fed.output_dir == FederationConfig.output_dir  # server paths are not stored
     assert all(v.dtype == np.float32 for v in weights.values())
+
+
+def test_a_folded_model_file_from_before_the_channel_affine_loads(tmp_path: Path) -> None:
+    """Folded models written before they carried a per-channel affine (FiLM) still load, and
+    compute what they computed: the missing affine is the identity."""
+    torch.manual_seed(0)
+    bn_file = tmp_path / "public.safetensors"
+    save_torch(
+        {
+            k: v.contiguous()
+            for k, v in torchvision.models.resnet18(num_classes=2).state_dict().items()
+        },
+        str(bn_file),
+    )
+    fed = FederationConfig.from_mapping(
+        {**app_defaults(), "image-size": 32, "pretrained": str(bn_file)}
+    )
+    folded = build_model(fed.model_config).eval()
+    old = {k: v for k, v in model_weights(folded).items() if k not in channel_affine_keys(folded)}
+    assert len(old) < len(model_weights(folded))
+    path = tmp_path / "old_model.safetensors"
+    save_model(path, old, fed)
+    model, _ = load_model(path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), folded(x))
 
 
 def test_a_bare_weights_file_is_refused_clearly(tmp_path: Path) -> None:

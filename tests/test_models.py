@@ -236,3 +236,20 @@ def test_compact_stem_and_max_pool_change_the_network_not_its_weights():
     assert torch.allclose(base.avgpool(features).flatten(), torch.full((512,), 1.0))
     with pytest.raises(ConfigError, match="stem"):
         ModelConfig(stem="cifar")
+
+
+def test_a_frozen_identity_affine_is_skipped_until_its_values_change() -> None:
+    layer = ChannelAffine(4).requires_grad_(False)
+    x = torch.randn(2, 4, 3, 3)
+    assert layer(x) is x  # frozen at the identity: no work at all
+    with torch.no_grad():
+        layer.weight[1] = 2.0  # an in-place write, as load_state_dict makes
+    out = layer(x)
+    torch.testing.assert_close(out[:, 1], 2 * x[:, 1])
+    torch.testing.assert_close(out[:, 0], x[:, 0])
+    layer.load_state_dict({"weight": torch.ones(4), "bias": torch.zeros(4)})
+    assert layer(x) is x
+    trainable = ChannelAffine(4)  # at the identity but trained: gradients must flow
+    trainable(x).sum().backward()
+    assert trainable.weight.grad is not None
+    torch.testing.assert_close(trainable.weight.grad, x.sum(dim=(0, 2, 3)))
