@@ -10,18 +10,21 @@ A site's trained model travels as its **update**: the trained weights less the o
 it is and adds to the model it sent. The update carries the same information, but its values are
 a round's small changes, which float16 (``update-dtype``) keeps to ~3 significant digits where
 it would round the weights themselves by more than one step of training changes them: half the
-bytes of the slowest crossing, the site's upload, at no cost in accuracy.
+bytes of the slowest crossing, the site's upload (accuracy measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedct.common.weights import Layout, Weights, pack, unpack
+
+log = logging.getLogger(__name__)
 
 ARRAYS = "arrays"
 LAYOUT = "layout"
@@ -43,8 +46,13 @@ def put_model(content: RecordDict, weights: Weights, dtype: str = "float32") -> 
 def put_update(
     content: RecordDict, trained: Weights, received: Weights, dtype: str = "float16"
 ) -> None:
-    """Add the update ``trained - received`` (computed in float32, sent as ``dtype``)."""
+    """Add the update ``trained - received`` (computed in float32, sent as ``dtype``; as
+    float32 when float16 cannot hold it, rather than as infinities)."""
     update = {k: np.subtract(v, received[k], dtype=np.float32) for k, v in trained.items()}
+    limit = float(np.finfo(np.float16).max)
+    if dtype == "float16" and any(np.abs(u).max(initial=0.0) > limit for u in update.values()):
+        log.warning("the update has values beyond float16's range; sending it as float32")
+        dtype = "float32"
     put_model(content, update, dtype)
     content.config_records[LAYOUT][RELATIVE] = True
 

@@ -119,10 +119,13 @@ class ChannelAffine(nn.Module):
 
     def _frozen_identity(self) -> bool:
         """Whether this affine is frozen at the identity, checked again only after its values
-        change (a tensor's version counter moves with every in-place write, e.g. a load)."""
+        change: a tensor's version counter moves with every in-place write (a state-dict load,
+        a write under ``no_grad``); writes through ``.data`` bypass it and are not seen."""
         if self.weight.requires_grad or self.bias.requires_grad:
             return False
         key = (
+            id(self.weight),
+            id(self.bias),
             self.weight._version,
             self.bias._version,
             self.weight.data_ptr(),
@@ -483,35 +486,35 @@ def apply_freeze(model: ResNet, policy: str) -> None:
     and noise level) while the pretrained filters stay as they are: 5,826 of ResNet-18's 11.2M
     parameters (2 classes), so DP noise is spread over few coordinates.
     """
-    if policy == "none":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return
-    if policy == "bias":
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("fc.") or name.endswith(".bias"))
-        return
+    affine = [m for m in model.modules() if isinstance(m, ChannelAffine)]
     if policy == "film":
-        affine = [m for m in model.modules() if isinstance(m, ChannelAffine)]
         if not affine:
             raise ConfigError(
                 'freeze = "film" trains the per-channel affine of a folded network; it needs '
                 'pretrained BatchNorm weights (norm = "folded")'
             )
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for module in (model.fc, *affine):
-            for p in module.parameters():
-                p.requires_grad_(True)
-        return
-    trainable_stages = 0 if policy == "head" else int(policy.removeprefix("last"))
-    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
-    trainable: list[nn.Module] = [model.fc, *stages[len(stages) - trainable_stages :]]
+        trainable: list[nn.Module] = [model.fc, *affine]
+    elif policy == "none":
+        trainable = [model]
+    elif policy == "bias":
+        trainable = []
+    else:
+        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+        n = 0 if policy == "head" else int(policy.removeprefix("last"))
+        trainable = [model.fc, *stages[len(stages) - n :]]
     for p in model.parameters():
         p.requires_grad_(False)
     for module in trainable:
         for p in module.parameters():
             p.requires_grad_(True)
+    if policy == "bias":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("fc.") or name.endswith(".bias"))
+    if policy != "film":
+        # only FiLM trains the affine: elsewhere it would duplicate the convolutions' own
+        # scale and bias (the same gradient counted twice under DP) and cost its skip
+        for module in affine:
+            module.requires_grad_(False)
 
 
 def channel_affine_keys(model: nn.Module) -> set[str]:

@@ -97,6 +97,33 @@ class CheckpointStore:
         return weights, state
 
 
+def fit_to_model(
+    resumed: tuple[Weights, ServerState], fresh: Weights, identity: set[str]
+) -> tuple[Weights, ServerState]:
+    """A checkpoint's model and state for the model ``fresh`` describes: the ``identity``
+    parameters (a folded model's per-channel affine, added after earlier releases wrote their
+    checkpoints) start as ``fresh`` has them (and at zero in optimizer moments) where the
+    checkpoint lacks them; any other difference is a CheckpointError saying what to do."""
+    weights, state = resumed
+    missing = set(fresh) - set(weights)
+    if missing and missing <= identity:
+        log.info("the checkpoint predates the per-channel affine: resuming with it at identity")
+        weights = {**{k: fresh[k] for k in missing}, **weights}
+        moments = {
+            name: {**{k: np.zeros_like(fresh[k]) for k in missing}, **arrays}
+            for name, arrays in state.optimizer_state.items()
+        }
+        state = ServerState(state.round, state.strategy, state.exhausted_sites, moments)
+    if set(weights) != set(fresh):
+        differ = sorted(set(weights) ^ set(fresh))
+        raise CheckpointError(
+            f"the checkpoint's model does not match this run's ({len(differ)} weights differ, "
+            f"e.g. {differ[0]!r}): it was written with other model settings. Resume with "
+            "those settings, or move the checkpoints folder away to start a new run."
+        )
+    return weights, state
+
+
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` as one strict JSON line (``null`` where a value is NaN)."""
     path.parent.mkdir(parents=True, exist_ok=True)

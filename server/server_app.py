@@ -26,7 +26,7 @@ from fedct.common.config import FederationConfig
 from fedct.common.fileio import atomic_write_text
 from fedct.common.flower_pacing import pace_object_pulls
 from fedct.common.model_file import save_model
-from fedct.common.models import build_model
+from fedct.common.models import build_model, channel_affine_keys
 from fedct.common.training_stats import TrainingStats
 from fedct.common.weights import Weights, model_weights
 from fedct.server.allow_list import keep_allowed, read_allow_list, warn_strangers
@@ -35,6 +35,7 @@ from fedct.server.checkpoints import (
     CheckpointStore,
     ServerState,
     append_metrics,
+    fit_to_model,
     read_metrics,
 )
 from fedct.server.health import RunSoFar
@@ -108,13 +109,14 @@ def main(grid: Grid, context: Context) -> None:
     store = CheckpointStore(out / "checkpoints", fed)
     metrics_path = out / "metrics.jsonl"
     strategy = make_strategy(fed)
-    weights: Weights = model_weights(build_model(fed.model_config))
+    model = build_model(fed.model_config)
+    weights: Weights = model_weights(model)
     exhausted: set[str] = set()
     history = RunSoFar()
     first = 1
     resumed = store.latest() if fed.resume else None
     if resumed is not None:
-        weights, state = resumed
+        weights, state = fit_to_model(resumed, weights, channel_affine_keys(model))
         first, exhausted = state.round + 1, set(state.exhausted_sites)
         restore_optimizer_state(strategy, state.optimizer_state)
         history = RunSoFar.from_history(

@@ -117,3 +117,14 @@ def test_a_float16_update_keeps_the_changes_that_float16_weights_would_round_awa
     assert not is_update(as_weights)
     rounded = model_of(as_weights)["w"].astype(np.float32)
     assert np.linalg.norm(rounded - trained["w"]) / np.linalg.norm(change) > 0.5
+
+
+def test_an_update_float16_cannot_hold_goes_as_float32(caplog: pytest.LogCaptureFixture) -> None:
+    sent = {"w": np.zeros(3, np.float32)}
+    content = RecordDict()
+    put_update(content, {"w": np.array([1.0, 7e4, -2.0], np.float32)}, sent)
+    update = model_of(content)
+    assert is_update(content)
+    assert update["w"].dtype == np.float32
+    np.testing.assert_array_equal(update["w"], [1.0, 7e4, -2.0])
+    assert "beyond float16's range" in caplog.text

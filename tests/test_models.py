@@ -12,7 +12,13 @@ from torch import nn
 
 import fedct.client.grad_samplers  # noqa: F401  (registers the WSConv2d grad sampler)
 from fedct.common.errors import ConfigError
-from fedct.common.models import ChannelAffine, ModelConfig, WSConv2d, build_model
+from fedct.common.models import (
+    ChannelAffine,
+    ModelConfig,
+    WSConv2d,
+    build_model,
+    channel_affine_keys,
+)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -95,9 +101,13 @@ def test_bias_freeze_policy_trains_the_head_and_every_bias(norm: str) -> None:
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert "layer4.1.conv2.weight" in frozen
     assert "conv1.weight" in frozen
-    biases = [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    affine = channel_affine_keys(model)  # folded: FiLM's own, frozen unless freeze = film
+    biases = [n for n, _ in model.named_parameters() if n.endswith(".bias") and n not in affine]
     assert set(biases) <= trainable
+    assert not affine & trainable
     assert len(biases) > 10
+    if norm == "folded":  # BitFit's size in the docs: every convolution's bias and the head
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5826
 
 
 def test_film_freeze_policy_trains_the_head_and_every_channel_affine() -> None:
@@ -114,6 +124,9 @@ def test_film_freeze_policy_trains_the_head_and_every_channel_affine() -> None:
     assert sum(p.numel() for n, p in model.named_parameters() if n in affine) == 9600
     with pytest.raises(ConfigError, match="folded"):
         build_model(ModelConfig(norm="group", freeze="film"))
+    for policy in ("none", "last2", "head"):  # only FiLM trains the affine
+        other = build_model(ModelConfig(norm="folded", freeze=policy))
+        assert not any(p.requires_grad for n, p in other.named_parameters() if n in affine)
 
 
 def test_config_errors_list_allowed_values() -> None:

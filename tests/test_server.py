@@ -15,6 +15,7 @@ from fedct.server.checkpoints import (
     CheckpointStore,
     ServerState,
     append_metrics,
+    fit_to_model,
     read_metrics,
 )
 from fedct.server.round_report import RoundReport
@@ -67,6 +68,20 @@ def test_checkpoint_save_and_resume(tmp_path: Path) -> None:
     (tmp_path / "ckpt" / "round-0002.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot resume"):
         store.latest()
+
+
+def test_a_checkpoint_from_before_the_channel_affine_resumes_at_identity() -> None:
+    fresh = {**REFERENCE, "bn1.weight": np.ones(2, np.float32), "bn1.bias": np.zeros(2, np.float32)}
+    moments = {"m_t": {k: np.ones_like(v) for k, v in REFERENCE.items()}}
+    old = ({k: v + 1 for k, v in REFERENCE.items()}, ServerState(3, "fedadam", [], moments))
+    weights, state = fit_to_model(old, fresh, {"bn1.weight", "bn1.bias"})
+    assert set(weights) == set(fresh)
+    np.testing.assert_array_equal(weights["bn1.weight"], 1.0)
+    np.testing.assert_array_equal(weights["fc.bias"], 1.0)  # the checkpoint's own values
+    np.testing.assert_array_equal(state.optimizer_state["m_t"]["bn1.bias"], 0.0)
+    assert state.round == 3
+    with pytest.raises(CheckpointError, match="other model settings"):
+        fit_to_model(({"other": np.zeros(1, np.float32)}, state), fresh, set())
 
 
 def test_metrics_history_appends(tmp_path: Path) -> None:

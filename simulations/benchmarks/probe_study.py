@@ -4,7 +4,8 @@ A logistic regression fitted centrally, without privacy, on every hospital's tra
 pooled (scikit-learn, features standardised, L2 strength ``C``), scored on every hospital's
 held-out patients pooled. A DP federation that trains only the head cannot do better than the
 best of these, so the table bounds what head-only fine-tuning can add; pooled max-activations of
-earlier stages (``layerN-max``) ask whether features the head does not see would help.
+earlier stages (``layerN-max``) ask whether features the head does not see would help. Reading
+the best row is optimistic on purpose: ``C`` is not chosen on separate data. Two classes only.
 
     python -m fedct.simulations.benchmarks.probe_study --data DIR --pretrained FILE [--json OUT]
 """
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     fed = FederationConfig.from_mapping({**app_defaults(), "pretrained": str(args.pretrained)})
+    if len(fed.class_names) != 2:
+        parser.error(f"the probes score two classes; the settings name {len(fed.class_names)}")
     model = build_model(fed.model_config).eval()
     train: list[Part] = []
     held: list[Part] = []
