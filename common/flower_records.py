@@ -33,8 +33,12 @@ RELATIVE = "relative-to-received"  # the layout's flag: the values are an update
 
 
 def model_records(weights: Weights, dtype: str = "float32") -> tuple[ArrayRecord, ConfigRecord]:
-    """``weights`` packed into one ``dtype`` array, and its layout."""
+    """``weights`` packed into one ``dtype`` array, and its layout; as float32 when float16
+    cannot hold them (a value beyond 65504 would arrive as an infinity)."""
     flat, layout = pack(weights, dtype)
+    if flat.dtype == np.float16 and not np.isfinite(flat).all():
+        log.warning("the model has values beyond float16's range; sending it as float32")
+        flat, layout = pack(weights, "float32")
     return ArrayRecord({MODEL: Array(flat)}), ConfigRecord(layout.as_config())
 
 
@@ -46,13 +50,8 @@ def put_model(content: RecordDict, weights: Weights, dtype: str = "float32") -> 
 def put_update(
     content: RecordDict, trained: Weights, received: Weights, dtype: str = "float16"
 ) -> None:
-    """Add the update ``trained - received`` (computed in float32, sent as ``dtype``; as
-    float32 when float16 cannot hold it, rather than as infinities)."""
+    """Add the update ``trained - received`` (computed in float32, sent as ``dtype``)."""
     update = {k: np.subtract(v, received[k], dtype=np.float32) for k, v in trained.items()}
-    limit = float(np.finfo(np.float16).max)
-    if dtype == "float16" and any(np.abs(u).max(initial=0.0) > limit for u in update.values()):
-        log.warning("the update has values beyond float16's range; sending it as float32")
-        dtype = "float32"
     put_model(content, update, dtype)
     content.config_records[LAYOUT][RELATIVE] = True
 

@@ -18,7 +18,7 @@ from fedct.common.errors import ConfigError
 from fedct.common.fileio import atomic_write
 from fedct.common.models import build_model, channel_affine_keys
 from fedct.common.training_stats import STATS_KEY, TrainingStats, stats_from_metadata
-from fedct.common.weights import Weights, load_weights, model_weights
+from fedct.common.weights import Weights, load_weights
 
 if TYPE_CHECKING:
     from torchvision.models import ResNet
@@ -88,8 +88,7 @@ def load_model(path: Path) -> tuple[ResNet, FederationConfig]:
     weights, fed = read_model(path)
     model = build_model(replace(fed.model_config, pretrained=None))
     # a folded model written before folded models had a per-channel affine: the identity
-    missing_affine = {
-        k: v for k, v in model_weights(model).items() if k in channel_affine_keys(model)
-    }
-    load_weights(model, {**missing_affine, **weights})
+    state = model.state_dict()
+    identity = {k: state[k].numpy() for k in channel_affine_keys(model) - weights.keys()}
+    load_weights(model, {**identity, **weights})
     return model.eval(), fed

@@ -393,13 +393,13 @@ def load_folded(model: ResNet, path: Path) -> None:
         keys = (f"{name}.weight", f"{name}.bias")
         folded_here = f"{name}.running_mean" in state
         for key, param in zip(keys, (module.weight, module.bias), strict=True):
-            value = state.get(key)
-            if value is not None and not folded_here and value.shape != param.shape:
+            value = None if folded_here else state.get(key)
+            if value is not None and value.shape != param.shape:
                 raise ConfigError(
                     f"{path}: weight {key!r} has shape {tuple(value.shape)}, the model "
                     f"expects {tuple(param.shape)}; wrong architecture?"
                 )
-            loaded[key] = value if value is not None and not folded_here else param.detach()
+            loaded[key] = param.detach() if value is None else value
     missing = [k for k in own if not k.startswith("fc.") and k not in loaded]
     if missing:
         raise ConfigError(f"{path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r}")

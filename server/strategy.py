@@ -10,7 +10,6 @@ measured against Flower's in docs/benchmarks.md, Aggregation).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,8 +29,6 @@ from fedct.common.config import FederationConfig
 from fedct.common.flower_records import (
     ARRAYS,
     LAYOUT,
-    MODEL,
-    array_view,
     has_model,
     is_update,
     model_of,
@@ -40,8 +37,6 @@ from fedct.common.flower_records import (
 from fedct.common.training_stats import TrainingStats
 from fedct.common.weights import Weights, applied
 from fedct.server.round_report import SiteReply
-
-log = logging.getLogger(__name__)
 
 # Strategies whose aggregation is exactly FedAvg's weighted mean (FedProx differs only on the
 # client): FedCT sums their updates itself, from the validated views.
@@ -122,14 +117,11 @@ def evaluation_config(stats: TrainingStats) -> ConfigRecord:
 
 def for_transfer(messages: Iterable[Message], weights: Weights, dtype: str) -> list[Message]:
     """The messages with the model packed into one ``dtype`` array (one shared copy for all
-    of them): what the sites receive, while the strategy keeps its named float32 record. A
-    model that float16 cannot hold (a value beyond 65504) goes as float32."""
+    of them): what the sites receive, while the strategy keeps its named float32 record (a
+    model float16 cannot hold goes as float32: ``model_records``)."""
     messages = list(messages)
     if messages:
         arrays, layout = model_records(weights, dtype)
-        if dtype != "float32" and not np.isfinite(array_view(arrays[MODEL])).all():
-            log.warning("the model has values beyond %s's range; sending it as float32", dtype)
-            arrays, layout = model_records(weights, "float32")
         for message in messages:
             message.content[ARRAYS], message.content[LAYOUT] = arrays, layout
     return messages
