@@ -15,13 +15,21 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedct.client import model_cache
 from fedct.client.bundle_check import BUNDLE_HASH_ENV
 from fedct.client.rounds import Metrics, evaluate_round, train_round
 from fedct.common import audit
 from fedct.common.config import FederationConfig, SiteConfig
-from fedct.common.flower_records import ARRAYS, model_of, put_update
+from fedct.common.flower_records import (
+    ARRAYS,
+    HOLDS,
+    MODEL_NEEDED,
+    model_ref,
+    packed_of,
+    put_update,
+)
 from fedct.common.version import FEDCT_VERSION, VersionMismatchError, require_same_version
-from fedct.common.weights import Weights
+from fedct.common.weights import Weights, unpack
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +61,16 @@ def run_settings(context: Context) -> FederationConfig:
 
 
 def _audit(
-    site: SiteConfig, context: Context, kind: str, server_round: int, reply: Message
+    site: SiteConfig,
+    context: Context,
+    kind: str,
+    server_round: int,
+    reply: Message,
+    model: dict[str, str | None],
 ) -> None:
-    """One audit record per message: what the run asked and what left the site (byte counts and
-    metric names, never values)."""
+    """One audit record per message: what the run asked, which model the site used (``model``:
+    received or kept, and its digest), and what left the site (byte counts and metric names,
+    never values)."""
     content = reply.content
     metrics = content.metric_records["metrics"]
     arrays = content.array_records.get(ARRAYS)
@@ -76,6 +90,7 @@ def _audit(
                 "metrics": sorted(metrics),
             },
             "epsilon": metrics.get("epsilon"),
+            "model": model,
         },
     )
 
@@ -96,11 +111,29 @@ def site_config(context: Context, fed: FederationConfig) -> SiteConfig:
     return SiteConfig.from_mapping(node)
 
 
-def _weights(msg: Message) -> Weights:
+def _received(msg: Message) -> tuple[Weights, dict[str, str | None]]:
+    """The model a message carries, and how it came (for the audit log)."""
     try:
-        return model_of(msg.content)
+        flat, layout = packed_of(msg.content)
     except ValueError as err:
         raise ValueError(f"the server's model cannot be read: {err}") from err
+    return unpack(flat, layout), {"source": "received", "sha256": None}
+
+
+def _kept(site: SiteConfig, sha256: str) -> tuple[Weights, dict[str, str | None]]:
+    """The model the server named by ``sha256``, from this site's cache (ModelNotKeptError)."""
+    flat, layout = model_cache.load(Path(site.state_dir), sha256)
+    return unpack(flat, layout), {"source": "kept", "sha256": sha256}
+
+
+def _keep(site: SiteConfig, msg: Message) -> str | None:
+    """Keep the model a message carries for the next round's training; its digest, or None
+    when it could not be kept (the server then sends that model again)."""
+    try:
+        return model_cache.keep(Path(site.state_dir), *packed_of(msg.content))
+    except (OSError, ValueError) as err:
+        log.warning("could not keep the evaluated model for the next round: %s", err)
+        return None
 
 
 def _reply(
@@ -110,13 +143,12 @@ def _reply(
     status: str,
     update: tuple[Weights, Weights] | None = None,
     dtype: str = "float16",
+    holds: str | None = None,
 ) -> Message:
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"name": site.site_name, "status": status}),
-        }
-    )
+    about = ConfigRecord({"name": site.site_name, "status": status})
+    if holds is not None:  # the model this site keeps: next round it need not be sent again
+        about[HOLDS] = holds
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": about})
     if update is not None:  # (trained, received): sent as the update, in ``dtype``
         put_update(content, *update, dtype)
     return Message(content=content, reply_to=msg)
@@ -124,18 +156,30 @@ def _reply(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    start = time.perf_counter()
     fed = run_settings(context)
     site = site_config(context, fed)
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
-    received = _weights(msg)
+    sha256 = model_ref(msg.content)
+    if sha256 is None:
+        received, model = _received(msg)
+    else:
+        try:
+            received, model = _kept(site, sha256)
+        except model_cache.ModelNotKeptError as err:
+            log.warning("round %d: %s; asking the server for the model", server_round, err)
+            out = _reply(msg, site, {}, MODEL_NEEDED)
+            missing: dict[str, str | None] = {"source": "missing", "sha256": sha256}
+            _audit(site, context, "train", server_round, out, missing)
+            return out
+    # the whole local step (data from the cache, the model built, training, ledger), for the
+    # overhead benchmark: what the round takes beyond this (getting the model included, from
+    # the message or from the site's cache) is the federation's cost
+    start = time.perf_counter()
     reply = train_round(site, fed, received, server_round=server_round)
-    # the whole local step (data from the cache, model, training, ledger), for the overhead
-    # benchmark: what the round takes beyond this is the federation's cost
     metrics = {**reply.metrics, "handler-seconds": time.perf_counter() - start}
     update = None if reply.weights is None else (reply.weights, received)
     out = _reply(msg, site, metrics, reply.status, update, fed.update_dtype)
-    _audit(site, context, "train", server_round, out)
+    _audit(site, context, "train", server_round, out, model)
     return out
 
 
@@ -145,12 +189,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = site_config(context, fed)
     config = msg.content.config_records.get("config", ConfigRecord())
     model_hu = config.get("train-hu-quantiles")  # the federation's, once a round has trained
+    received, model = _received(msg)
     metrics = evaluate_round(
         site,
         fed,
-        _weights(msg),
+        received,
         model_hu=[float(v) for v in model_hu] if isinstance(model_hu, list) else None,
     )
-    out = _reply(msg, site, metrics, "ok")
-    _audit(site, context, "evaluate", int(str(config.get("server-round", 0))), out)
+    holds = _keep(site, msg) if fed.model_cache else None
+    model["sha256"] = holds
+    out = _reply(msg, site, metrics, "ok", holds=holds)
+    _audit(site, context, "evaluate", int(str(config.get("server-round", 0))), out, model)
     return out

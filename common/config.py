@@ -73,6 +73,9 @@ class FederationConfig:
     # received weights) sent back; the server keeps its model in float32 and adds the updates
     transfer_dtype: str = "float16"
     update_dtype: str = "float16"
+    # sites keep the model they evaluated (client/model_cache.py) and the server names it by its
+    # digest instead of sending it again to train from (then float32, whatever transfer-dtype)
+    model_cache: bool = True
     max_update_norm: float = 1.0e4
     min_eval_cases: int = 10
     min_eval_patients: int = 5  # sites holding out fewer send no series- or patient-level scores

@@ -9,15 +9,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(target: Path, write: Callable[[Path], object], *, mode: int = 0o600) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``target`` (permissions ``mode``)."""
+def atomic_write(
+    target: Path, write: Callable[[Path], object], *, mode: int = 0o600, fsync: bool = True
+) -> None:
+    """Call ``write(tmp_path)`` and move the result onto ``target`` (permissions ``mode``).
+    Without ``fsync`` a crash may leave ``target`` torn (a cache that checks what it reads)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        if fsync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:

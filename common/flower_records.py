@@ -11,6 +11,11 @@ it is and adds to the model it sent. The update carries the same information, bu
 a round's small changes, which float16 (``update-dtype``) keeps to ~3 significant digits where
 it would round the weights themselves by more than one step of training changes them: half the
 bytes of the slowest crossing, the site's upload (accuracy measured in docs/benchmarks.md).
+
+A model a site already keeps (client/model_cache.py: the one it evaluated last) is named
+instead of sent: a ``ConfigRecord`` ``"model-ref"`` with its digest (``put_model_ref``), and no
+arrays. A site says which model it keeps in its evaluation reply (``HOLDS``, in its ``"site"``
+record).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedct.common.weights import Layout, Weights, pack, unpack
+from fedct.common.weights import Layout, Weights, digest, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,9 @@ ARRAYS = "arrays"
 LAYOUT = "layout"
 MODEL = "model"
 RELATIVE = "relative-to-received"  # the layout's flag: the values are an update, not weights
+MODEL_REF = "model-ref"  # a model the site keeps, named by its digest instead of sent
+HOLDS = "holds-model"  # in a site's evaluation reply: the digest of the model it now keeps
+MODEL_NEEDED = "model-needed"  # a train reply's status: the named model is not kept; send it
 
 
 def model_records(weights: Weights, dtype: str = "float32") -> tuple[ArrayRecord, ConfigRecord]:
@@ -45,6 +53,30 @@ def model_records(weights: Weights, dtype: str = "float32") -> tuple[ArrayRecord
 def put_model(content: RecordDict, weights: Weights, dtype: str = "float32") -> None:
     """Add ``weights`` to a message's content (replacing any model it held)."""
     content[ARRAYS], content[LAYOUT] = model_records(weights, dtype)
+
+
+def records_digest(arrays: ArrayRecord, layout: ConfigRecord) -> str:
+    """The digest of the model ``model_records`` packed (what a site computes on arrival)."""
+    return digest(array_view(arrays[MODEL]), Layout.from_config(layout))
+
+
+def put_model_ref(content: RecordDict, sha256: str) -> None:
+    """Name the model by its digest (the site keeps it) instead of sending it: any arrays the
+    content held (a strategy's own record of the model) are dropped."""
+    content.pop(ARRAYS, None)
+    content.pop(LAYOUT, None)
+    content[MODEL_REF] = ConfigRecord({"sha256": sha256})
+
+
+def model_ref(content: RecordDict) -> str | None:
+    """The digest of the kept model a message names instead of carrying one, if it does."""
+    ref = content.config_records.get(MODEL_REF)
+    if ref is None:
+        return None
+    sha256 = ref.get("sha256")
+    if not isinstance(sha256, str):
+        raise ValueError("the message names a kept model without a digest")
+    return sha256
 
 
 def put_update(
@@ -69,6 +101,12 @@ def is_update(content: RecordDict) -> bool:
 def model_of(content: RecordDict) -> Weights:
     """The model (or update, :func:`is_update`) a message carries, as named read-only views (no
     copy); ValueError with a one-line reason when it is not a model in FedCT's format."""
+    return unpack(*packed_of(content))
+
+
+def packed_of(content: RecordDict) -> tuple[np.ndarray, Layout]:
+    """The packed model a message carries (a read-only view) and its layout; ValueError as
+    :func:`model_of`."""
     arrays = content.array_records.get(ARRAYS)
     layout = content.config_records.get(LAYOUT)
     if arrays is None or layout is None or list(arrays.keys()) != [MODEL]:
@@ -80,7 +118,7 @@ def model_of(content: RecordDict) -> Weights:
         flat = array_view(arrays[MODEL])
     except (TypeError, OverflowError) as err:  # what numpy and Flower raise on hostile headers
         raise ValueError(f"the packed model cannot be read: {err}") from err
-    return unpack(flat, Layout.from_config(layout))
+    return flat, Layout.from_config(layout)
 
 
 def array_view(array: Array) -> np.ndarray:

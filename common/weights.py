@@ -7,6 +7,8 @@ aggregating it. A problem is reported as a one-line reason, never by crashing th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -142,6 +144,16 @@ def unpack(flat: np.ndarray, layout: Layout) -> Weights:
         out[name] = part
         offset += size
     return out
+
+
+def digest(flat: np.ndarray, layout: Layout) -> str:
+    """The SHA-256 of a packed model (its values' dtype, its layout and its bytes): two packed
+    models share it only when they unpack to the same weights."""
+    sha = hashlib.sha256()
+    header = {"dtype": flat.dtype.str, **layout.as_config()}
+    sha.update(json.dumps(header, sort_keys=True).encode())
+    sha.update(np.ascontiguousarray(flat))
+    return sha.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -42,14 +42,18 @@ from fedct.server.health import RunSoFar
 from fedct.server.round_report import RoundReport, weighted_mean
 from fedct.server.strategy import (
     STREAMED_MEAN,
+    KeptModel,
     evaluation_config,
     flower_aggregate,
     for_transfer,
+    kept_model,
     make_strategy,
+    model_needed,
     optimizer_state,
     restore_optimizer_state,
     site_reply,
     strategy_record,
+    with_model,
 )
 
 log = logging.getLogger(__name__)
@@ -132,8 +136,9 @@ def main(grid: Grid, context: Context) -> None:
     hospitals_only = HospitalsOnly(grid, allowed)
     view = cast(Grid, hospitals_only)
 
+    kept: KeptModel | None = None  # which sites keep the model last evaluated
     if first == 1:
-        _evaluate_start(grid, strategy, fed, weights, view, sites, out / START_FILE)
+        kept = _evaluate_start(grid, strategy, fed, weights, view, sites, out / START_FILE)
 
     for server_round in range(first, fed.num_server_rounds + 1):
         began = time.time()
@@ -146,8 +151,7 @@ def main(grid: Grid, context: Context) -> None:
             view,
         )
         train_messages = [m for m in offered if sites.get(m.metadata.dst_node_id) not in exhausted]
-        outgoing = for_transfer(train_messages, weights, fed.transfer_dtype)
-        replies = send_and_receive(grid, outgoing, timeout=fed.round_timeout)
+        replies = _train_phase(grid, fed, train_messages, weights, kept, report)
         # wall time from sending the model to having every reply: local training plus the
         # federation's overhead (process start, serialization, transfer), before aggregation
         report.details["train-phase-seconds"] = round(time.time() - began, 3)
@@ -159,7 +163,9 @@ def main(grid: Grid, context: Context) -> None:
         stats = report.training_stats(stats)
         weights = _aggregate(strategy, fed, report, weights, replies)
 
-        evaluations = _evaluate(grid, strategy, fed, server_round, weights, stats, view)
+        evaluated = time.time()
+        evaluations, kept = _evaluate(grid, strategy, fed, server_round, weights, stats, view)
+        report.details["evaluate-phase-seconds"] = round(time.time() - evaluated, 3)
         stats = report.pool_evaluation(
             [site_reply(m, sites, with_update=False) for m in evaluations],
             num_classes=len(fed.class_names),
@@ -198,6 +204,36 @@ def main(grid: Grid, context: Context) -> None:
     log.info("final global model: %s", out / "final_model.safetensors")
 
 
+def _train_phase(
+    grid: Grid,
+    fed: FederationConfig,
+    messages: list[Message],
+    weights: Weights,
+    kept: KeptModel | None,
+    report: RoundReport,
+) -> list[Message]:
+    """Send ``weights`` to train (named by its digest to the sites that keep it); the replies.
+    A site that no longer keeps it says so, and is sent the model itself within the round."""
+    deadline = time.time() + fed.round_timeout
+    outgoing = for_transfer(
+        messages, weights, fed.transfer_dtype, kept=kept if fed.model_cache else None
+    )
+    replies = send_and_receive(grid, outgoing, timeout=fed.round_timeout)
+    needed = model_needed(replies)
+    named = len(kept.named_for(weights)) if kept is not None and fed.model_cache else 0
+    report.details["model-kept-by"] = named - len(needed)
+    if not needed:
+        return replies
+    log.warning(
+        "round %d: %d site(s) no longer keep the model they evaluated; sending it to them",
+        report.round,
+        len(needed),
+    )
+    again = for_transfer(with_model(outgoing, needed), weights, fed.transfer_dtype)
+    rest = [r for r in replies if r.metadata.src_node_id not in needed]
+    return rest + send_and_receive(grid, again, timeout=max(0.0, deadline - time.time()))
+
+
 def _evaluate(
     grid: Grid,
     strategy: Strategy,
@@ -206,15 +242,16 @@ def _evaluate(
     weights: Weights,
     stats: TrainingStats,
     view: Grid,
-) -> list[Message]:
-    """One evaluation phase: ``weights`` to the sites the strategy picks, their replies."""
+) -> tuple[list[Message], KeptModel]:
+    """One evaluation phase: ``weights`` to the sites the strategy picks; their replies, and
+    which of them keep ``weights`` for the next round's training."""
     messages = strategy.configure_evaluate(
         server_round, strategy_record(fed, weights, train=False), evaluation_config(stats), view
     )
     # float32 whatever transfer-dtype says: the metrics are those of the model the server keeps
-    return send_and_receive(
-        grid, for_transfer(messages, weights, "float32"), timeout=fed.round_timeout
-    )
+    sent = for_transfer(messages, weights, "float32")
+    replies = send_and_receive(grid, sent, timeout=fed.round_timeout)
+    return replies, kept_model(weights, sent, replies)
 
 
 def _evaluate_start(
@@ -225,11 +262,11 @@ def _evaluate_start(
     view: Grid,
     sites: dict[int, str],
     path: Path,
-) -> None:
+) -> KeptModel:
     """Evaluate the starting model at the sites exactly like every round's model ("round 0"),
     so that what the federation added can be read against it; its record goes to ``path``
-    (``start.json``), not to ``metrics.jsonl``."""
-    evaluations = _evaluate(grid, strategy, fed, 0, weights, TrainingStats(), view)
+    (``start.json``), not to ``metrics.jsonl``. Which sites keep the starting model."""
+    evaluations, kept = _evaluate(grid, strategy, fed, 0, weights, TrainingStats(), view)
     report = RoundReport(0, set())
     report.pool_evaluation(
         [site_reply(m, sites, with_update=False) for m in evaluations],
@@ -238,6 +275,7 @@ def _evaluate_start(
         stats=TrainingStats(),
     )
     atomic_write_text(path, json_text.dumps(report.record(), indent=2) + "\n")
+    return kept
 
 
 def _aggregate(

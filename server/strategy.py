@@ -11,10 +11,11 @@ measured against Flower's in docs/benchmarks.md, Aggregation).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
@@ -28,11 +29,16 @@ from flwr.serverapp.strategy import (
 from fedct.common.config import FederationConfig
 from fedct.common.flower_records import (
     ARRAYS,
+    HOLDS,
     LAYOUT,
+    MODEL_NEEDED,
+    MODEL_REF,
     has_model,
     is_update,
     model_of,
     model_records,
+    put_model_ref,
+    records_digest,
 )
 from fedct.common.training_stats import TrainingStats
 from fedct.common.weights import Weights, applied
@@ -115,16 +121,79 @@ def evaluation_config(stats: TrainingStats) -> ConfigRecord:
     return config
 
 
-def for_transfer(messages: Iterable[Message], weights: Weights, dtype: str) -> list[Message]:
+@dataclass(frozen=True)
+class KeptModel:
+    """A model the server sent and the sites that said they keep it (client/model_cache.py):
+    ``weights`` is the server's own object, so it names exactly that model, never a later one."""
+
+    weights: Weights
+    sha256: str
+    nodes: frozenset[int]
+
+    def named_for(self, weights: Weights) -> frozenset[int]:
+        """The nodes to which ``weights`` can be named instead of sent."""
+        return self.nodes if weights is self.weights else frozenset()
+
+
+def for_transfer(
+    messages: Iterable[Message], weights: Weights, dtype: str, *, kept: KeptModel | None = None
+) -> list[Message]:
     """The messages with the model packed into one ``dtype`` array (one shared copy for all
     of them): what the sites receive, while the strategy keeps its named float32 record (a
-    model float16 cannot hold goes as float32: ``model_records``)."""
+    model float16 cannot hold goes as float32: ``model_records``). To the nodes that keep
+    ``weights`` (``kept``), the model is named by its digest instead."""
     messages = list(messages)
-    if messages:
+    named = kept.named_for(weights) if kept is not None else frozenset()
+    sent = [m for m in messages if m.metadata.dst_node_id not in named]
+    if sent:
         arrays, layout = model_records(weights, dtype)
-        for message in messages:
+        for message in sent:
             message.content[ARRAYS], message.content[LAYOUT] = arrays, layout
+    for message in messages:
+        if message.metadata.dst_node_id in named and kept is not None:
+            put_model_ref(message.content, kept.sha256)
     return messages
+
+
+def kept_model(weights: Weights, sent: list[Message], replies: Iterable[Message]) -> KeptModel:
+    """Which nodes keep ``weights``, sent (packed, as :func:`for_transfer` did) in ``sent``: those
+    whose reply names the digest of exactly what they were sent."""
+    if not sent:
+        return KeptModel(weights, "", frozenset())
+    sha256 = records_digest(sent[0].content[ARRAYS], sent[0].content[LAYOUT])
+    nodes = frozenset(m.metadata.src_node_id for m in replies if _said(m, HOLDS) == sha256)
+    return KeptModel(weights, sha256, nodes)
+
+
+def model_needed(replies: Iterable[Message]) -> set[int]:
+    """The nodes that answered a named model with "not kept here" (they need it sent)."""
+    return {m.metadata.src_node_id for m in replies if _said(m, "status") == MODEL_NEEDED}
+
+
+def _said(reply: Message, key: str) -> object:
+    """``key`` of the reply's ``"site"`` record (None for an error reply or a missing field)."""
+    if reply.has_error():
+        return None
+    about = reply.content.config_records.get("site")
+    return None if about is None else about.get(key)
+
+
+def with_model(messages: Iterable[Message], nodes: set[int]) -> list[Message]:
+    """New messages like ``messages`` to ``nodes``, without the model's name (to carry it)."""
+    out = []
+    for message in messages:
+        if message.metadata.dst_node_id not in nodes:
+            continue
+        content = RecordDict({k: v for k, v in message.content.items() if k != MODEL_REF})
+        out.append(
+            Message(
+                content=content,
+                dst_node_id=message.metadata.dst_node_id,
+                message_type=message.metadata.message_type,
+                group_id=message.metadata.group_id,
+            )
+        )
+    return out
 
 
 def site_reply(msg: Message, sites: dict[int, str], *, with_update: bool) -> SiteReply:

@@ -86,6 +86,10 @@ def test_simulation_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     assert summary["start_pooled_auroc"] == pytest.approx(start["pooled"]["auroc"])
     assert "What each hospital gained by joining" in report
     assert "data:image/png;base64," in report
+    # each round trained from the model the sites kept when they evaluated it (not sent again)
+    assert [r["model-kept-by"] for r in history] == [2, 2]
+    kept = list((out / "federation" / "sites" / "site-0" / "model-cache").iterdir())
+    assert len(kept) == 2  # the newest two: the model of round 2 and of round 1
 
     # A restarted run continues at round 3, and every site's ledger continues its budget.
     ledger = out / "federation" / "sites" / "site-0" / "privacy-ledger.json"
@@ -93,6 +97,7 @@ def test_simulation_runs_checkpoints_and_resumes(tmp_path: Path) -> None:
     assert main([*args, "--rounds", "3"]) == 0
     history = [json.loads(line) for line in (out / "federation" / "metrics.jsonl").open()]
     assert [r["round"] for r in history] == [1, 2, 3]
+    assert history[-1]["model-kept-by"] == 0  # resumed: no evaluation told which sites keep it
     entries = json.loads(ledger.read_text())["entries"]
     assert [e["round"] for e in entries] == [1, 2, 3]
     assert spent_before < entries[-1]["epsilon"] <= 8.0 + 1e-9

@@ -3,12 +3,13 @@
 1. ``deployment``: `fedct server` + one `fedct client` per synthetic hospital (TLS, SuperNode
    authentication), ResNet-18 at the default settings, once per transfer dtype (float32, then
    float16, same data and seed), with FedCT's warm site executor and with Flower's cold
-   ``flwr-clientapp`` per task (``fedct client --cold``), side by side. Per round: the
+   ``flwr-clientapp`` per task (``fedct client --cold``), with and without the sites' model
+   cache (``--model-cache on off``), side by side. Per round: the
    training phase's wall time (model sent -> every reply in), the slowest site's local step
    (its ClientApp handler: data from the cache, model, DP training, ledger) and local training
    alone, and the difference (the federation's overhead: ClientApp process start,
-   serialization, transfer, hashing). Per run: bytes on the wire as the SuperLink counts them,
-   and the final pooled AUROC.
+   serialization, transfer, hashing), the evaluation phase and the whole round. Per run: bytes
+   on the wire as the SuperLink counts them, and the final pooled AUROC.
 2. ``aggregation``: FedCT's FedAvg (update validation, then the weighted mean summed from the
    validated views, server/aggregate.py) over 10, 100 and 1000 ResNet-18-sized updates:
    seconds, GB/s of updates, and the server's peak memory growth during aggregation; and, side
@@ -49,19 +50,22 @@ def deployment(
     executors: list[str],
     sites_n: int = 3,
     keep_logs: Path | None = None,
+    model_cache: list[str] | None = None,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    variants = [(e, d, c) for e in executors for d in dtypes for c in model_cache or ["on"]]
     with tempfile.TemporaryDirectory(prefix="fedct-bench-") as tmp:
         sites = write_hospitals(
             Path(tmp) / "data", SynthSettings(sites=sites_n, scale=scale), progress=False
         )
-        for executor, dtype in ((e, d) for e in executors for d in dtypes):
-            label = f"{executor}-{dtype}"
+        for executor, dtype, cache in variants:
+            label = f"{executor}-{dtype}-cache-{cache}"
             root = Path(tmp) / label
             root.mkdir()
             fed = LoopbackFederation(root, {s.name: s for s in sites}, cold=executor == "cold")
             try:
                 settings = ["--set", f"transfer-dtype={dtype}"]
+                settings += ["--set", f"model-cache={'true' if cache == 'on' else 'false'}"]
                 if sites_n < 2:  # FedCT waits for 2 hospitals by default
                     settings += ["--set", f"min-sites={sites_n}"]
                 server = fed.server("--rounds", str(rounds), *settings)
@@ -91,6 +95,9 @@ def _summarize(history: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, 
         per_round.append(
             {
                 "round": record["round"],
+                "round_s": record["seconds"],
+                "evaluate_phase_s": record.get("evaluate-phase-seconds"),
+                "sites_training_from_kept_model": record.get("model-kept-by"),
                 "train_phase_s": round(phase, 2),
                 "slowest_site_step_s": round(handler, 2),
                 "slowest_site_training_s": round(local, 2),
@@ -190,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         help="warm: FedCT's paced SuperNode and warm site executor (the default); cold: Flower's "
         "own flower-supernode and flwr-clientapp per task",
     )
+    parser.add_argument(
+        "--model-cache",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="on: sites train from the model they kept from evaluating it (the default); off: "
+        "the server sends it again to train (the release before)",
+    )
     parser.add_argument("--sites", type=int, default=3, help="synthetic hospitals")
     parser.add_argument("--keep-logs", type=Path, help="copy the deployment's logs here")
     parser.add_argument("--counts", nargs="+", type=int, default=[10, 100, 1000])
@@ -210,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.part in ("deployment", "all"):
         out["deployment"] = deployment(
-            args.rounds, args.scale, args.dtypes, args.executors, args.sites, args.keep_logs
+            args.rounds,
+            args.scale,
+            args.dtypes,
+            args.executors,
+            args.sites,
+            args.keep_logs,
+            args.model_cache,
         )
         for dtype, r in out["deployment"].items():
             print(

@@ -1,7 +1,8 @@
 """Recipe study: FedAvg rounds of FedCT's own local training, in one process, for comparing
 training settings quickly (no Flower processes; same data, splits, model factory, DP-SGD,
-noise calibration, wire precision - the model in ``transfer-dtype``, the updates in
-``update-dtype`` - and pooled evaluation as a federation).
+noise calibration, wire precision - the model to train in float32 as the sites keep it from
+evaluation (``model-cache``, else in ``transfer-dtype``), the updates in ``update-dtype`` - and
+pooled evaluation as a federation).
 
 Each ``--variant`` is a list of ``KEY=VALUE`` run-config settings applied over the defaults;
 every variant runs on the same sites and seed, one after the other, and the script prints one
@@ -87,8 +88,10 @@ def run_variant(fed: FederationConfig, root: Path, cache: Path, *, label: str) -
     for rnd in range(1, fed.num_server_rounds + 1):
         updates, sizes, losses = [], [], []
         global_state = model_weights(model)
-        # what crosses the wire: the model in transfer-dtype, each update in update-dtype
-        sent = {k: v.astype(fed.transfer_dtype) for k, v in global_state.items()}
+        # what the sites train from: the float32 model they kept from evaluating it, or what
+        # crosses the wire in transfer-dtype; each update comes back in update-dtype
+        dtype = "float32" if fed.model_cache else fed.transfer_dtype
+        sent = {k: v.astype(dtype) for k, v in global_state.items()}
         cfg = train_config(fed, rnd)
         for name, data in sites.items():
             dataset = site_dataset(
