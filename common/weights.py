@@ -152,7 +152,7 @@ def digest(flat: np.ndarray, layout: Layout) -> str:
     sha = hashlib.sha256()
     header = {"dtype": flat.dtype.str, **layout.as_config()}
     sha.update(json.dumps(header, sort_keys=True).encode())
-    sha.update(np.ascontiguousarray(flat))
+    sha.update(np.ascontiguousarray(flat).data)
     return sha.hexdigest()
 
 

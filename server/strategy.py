@@ -160,7 +160,8 @@ def kept_model(weights: Weights, sent: list[Message], replies: Iterable[Message]
     whose reply names the digest of exactly what they were sent."""
     if not sent:
         return KeptModel(weights, "", frozenset())
-    sha256 = records_digest(sent[0].content[ARRAYS], sent[0].content[LAYOUT])
+    content = sent[0].content
+    sha256 = records_digest(content.array_records[ARRAYS], content.config_records[LAYOUT])
     nodes = frozenset(m.metadata.src_node_id for m in replies if _said(m, HOLDS) == sha256)
     return KeptModel(weights, sha256, nodes)
 
