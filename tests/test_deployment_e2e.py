@@ -4,17 +4,19 @@ per hospital, each a separate process group that the test always stops."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fedct.client.privacy import LEDGER_FILE, read_entries
-from fedct.common.audit import verify
+from fedct.common.audit import AUDIT_FILE, verify
 from fedct.server.allow_list import read_allow_list
 from fedct.simulations.loopback import LoopbackFederation
 from tests.conftest import write_tiny_site
@@ -49,6 +51,10 @@ class Federation(LoopbackFederation):
             return child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"timed out after {timeout:.0f} s\n{self.logs()}")
+
+
+def _audit_records(state: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (state / AUDIT_FILE).open()]
 
 
 def _process_groups_under(pids: set[int]) -> set[int]:
@@ -98,6 +104,8 @@ def test_tls_authenticated_federation_runs_and_resumes_after_restart(
         federation.client(name)
     assert federation.wait(server, 400) == 0, federation.logs()
     assert [r["round"] for r in federation.metrics()] == [1]
+    # both hospitals trained from the starting model they kept when they evaluated it
+    assert federation.metrics()[0]["model-kept-by"] == len(SITES)
     allowed = read_allow_list(federation.state / "run")  # the hospitals' nodes, nobody else
     assert allowed is not None
     assert sorted(allowed.values()) == sorted(SITES)
@@ -126,6 +134,9 @@ def test_tls_authenticated_federation_runs_and_resumes_after_restart(
         audited = verify(federation.site_state(name))  # the hospital's audit log holds
         # two rounds, and the starting model's evaluation before round 1 (not again on resume)
         assert audited.kinds == {"train": 2, "evaluate": 3}
+        trained = [r for r in _audit_records(federation.site_state(name)) if r["kind"] == "train"]
+        # round 1 from the kept starting model; round 2, after the restart, the model was sent
+        assert [r["model"]["source"] for r in trained] == ["kept", "received"]
         assert audited.last_epsilon == pytest.approx(entries[-1].epsilon)
     assert verify(federation.state / "run").kinds == {"round": 2}
     assert all(c.poll() is None for c in federation.clients.values())
