@@ -25,6 +25,7 @@ from fedct.common import audit, json_text
 from fedct.common.config import FederationConfig
 from fedct.common.fileio import atomic_write_text
 from fedct.common.flower_pacing import pace_object_pulls
+from fedct.common.flower_records import model_ref
 from fedct.common.model_file import save_model
 from fedct.common.models import build_model, channel_affine_keys
 from fedct.common.training_stats import TrainingStats
@@ -220,7 +221,7 @@ def _train_phase(
     )
     replies = send_and_receive(grid, outgoing, timeout=fed.round_timeout)
     needed = model_needed(replies)
-    named = len(kept.named_for(weights)) if kept is not None and fed.model_cache else 0
+    named = sum(model_ref(m.content) is not None for m in outgoing)
     report.details["model-kept-by"] = named - len(needed)
     if not needed:
         return replies

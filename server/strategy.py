@@ -143,15 +143,17 @@ def for_transfer(
     model float16 cannot hold goes as float32: ``model_records``). To the nodes that keep
     ``weights`` (``kept``), the model is named by its digest instead."""
     messages = list(messages)
-    named = kept.named_for(weights) if kept is not None else frozenset()
-    sent = [m for m in messages if m.metadata.dst_node_id not in named]
+    named, sha256 = (kept.named_for(weights), kept.sha256) if kept else (frozenset(), "")
+    sent = []
+    for message in messages:
+        if message.metadata.dst_node_id in named:
+            put_model_ref(message.content, sha256)
+        else:
+            sent.append(message)
     if sent:
         arrays, layout = model_records(weights, dtype)
         for message in sent:
             message.content[ARRAYS], message.content[LAYOUT] = arrays, layout
-    for message in messages:
-        if message.metadata.dst_node_id in named and kept is not None:
-            put_model_ref(message.content, kept.sha256)
     return messages
 
 
