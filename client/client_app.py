@@ -11,10 +11,12 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from safetensors import SafetensorError
 
 from fedct.client import model_cache
 from fedct.client.bundle_check import BUNDLE_HASH_ENV
@@ -112,27 +114,39 @@ def site_config(context: Context, fed: FederationConfig) -> SiteConfig:
     return SiteConfig.from_mapping(node)
 
 
-def _received(msg: Message) -> tuple[Weights, dict[str, str | None]]:
-    """The model a message carries, and how it came (for the audit log)."""
+@dataclass(frozen=True)
+class ServerModel:
+    """The global model a message brought, and where this site took it from."""
+
+    weights: Weights
+    source: str  # "received": in the message | "kept": the site's copy the server named
+    sha256: str | None = None  # the kept model's digest (for an evaluation: as kept now)
+
+    def audited(self) -> dict[str, str | None]:
+        return {"source": self.source, "sha256": self.sha256}
+
+
+def _received(msg: Message) -> ServerModel:
     try:
         flat, layout = packed_of(msg.content)
     except ValueError as err:
         raise ValueError(f"the server's model cannot be read: {err}") from err
-    return unpack(flat, layout), {"source": "received", "sha256": None}
+    return ServerModel(unpack(flat, layout), "received")
 
 
-def _kept(site: SiteConfig, sha256: str) -> tuple[Weights, dict[str, str | None]]:
+def _kept(site: SiteConfig, context: Context, sha256: str) -> ServerModel:
     """The model the server named by ``sha256``, from this site's cache (ModelNotKeptError)."""
-    flat, layout = model_cache.load(Path(site.state_dir), sha256)
-    return unpack(flat, layout), {"source": "kept", "sha256": sha256}
+    flat, layout = model_cache.load(Path(site.state_dir), sha256, run_id=context.run_id)
+    return ServerModel(unpack(flat, layout), "kept", sha256)
 
 
-def _keep(site: SiteConfig, msg: Message) -> str | None:
+def _keep(site: SiteConfig, context: Context, msg: Message) -> str | None:
     """Keep the model a message carries for the next round's training; its digest, or None
     when it could not be kept (the server then sends that model again)."""
     try:
-        return model_cache.keep(Path(site.state_dir), *packed_of(msg.content))
-    except (OSError, ValueError) as err:
+        flat, layout = packed_of(msg.content)
+        return model_cache.keep(Path(site.state_dir), flat, layout, run_id=context.run_id)
+    except (OSError, ValueError, SafetensorError) as err:  # a full disk: safetensors' error
         log.warning("could not keep the evaluated model for the next round: %s", err)
         return None
 
@@ -161,26 +175,22 @@ def train(msg: Message, context: Context) -> Message:
     site = site_config(context, fed)
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
     sha256 = model_ref(msg.content)
-    if sha256 is None:
-        received, model = _received(msg)
-    else:
-        try:
-            received, model = _kept(site, sha256)
-        except model_cache.ModelNotKeptError as err:
-            log.warning("round %d: %s; asking the server for the model", server_round, err)
-            out = _reply(msg, site, {}, MODEL_NEEDED)
-            missing: dict[str, str | None] = {"source": "missing", "sha256": sha256}
-            _audit(site, context, "train", server_round, out, missing)
-            return out
+    try:
+        model = _received(msg) if sha256 is None else _kept(site, context, sha256)
+    except model_cache.ModelNotKeptError as err:
+        log.warning("round %d: %s; asking the server for the model", server_round, err)
+        out = _reply(msg, site, {}, MODEL_NEEDED)
+        _audit(site, context, "train", server_round, out, {"source": "missing", "sha256": sha256})
+        return out
     # the whole local step (data from the cache, the model built, training, ledger), for the
     # overhead benchmark: what the round takes beyond this (getting the model included, from
     # the message or from the site's cache) is the federation's cost
     start = time.perf_counter()
-    reply = train_round(site, fed, received, server_round=server_round)
+    reply = train_round(site, fed, model.weights, server_round=server_round)
     metrics = {**reply.metrics, "handler-seconds": time.perf_counter() - start}
-    update = None if reply.weights is None else (reply.weights, received)
+    update = None if reply.weights is None else (reply.weights, model.weights)
     out = _reply(msg, site, metrics, reply.status, update, fed.update_dtype)
-    _audit(site, context, "train", server_round, out, model)
+    _audit(site, context, "train", server_round, out, model.audited())
     return out
 
 
@@ -190,19 +200,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = site_config(context, fed)
     config = msg.content.config_records.get("config", ConfigRecord())
     model_hu = config.get("train-hu-quantiles")  # the federation's, once a round has trained
-    received, model = _received(msg)
+    model = _received(msg)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        # kept while the site evaluates (hashing and writing release the GIL): ~0.1 s of a
-        # 45 MB write off the evaluation phase's path
-        keeping = pool.submit(_keep, site, msg) if fed.model_cache else None
+        # kept while the site evaluates (hashing and the file write overlap it): the ~0.1 s a
+        # 45 MB model takes to keep is mostly off the evaluation phase's path
+        keeping = pool.submit(_keep, site, context, msg) if fed.model_cache else None
         metrics = evaluate_round(
             site,
             fed,
-            received,
+            model.weights,
             model_hu=[float(v) for v in model_hu] if isinstance(model_hu, list) else None,
         )
     holds = keeping.result() if keeping is not None else None
-    model["sha256"] = holds
     out = _reply(msg, site, metrics, "ok", holds=holds)
-    _audit(site, context, "evaluate", int(str(config.get("server-round", 0))), out, model)
+    server_round = int(str(config.get("server-round", 0)))
+    _audit(site, context, "evaluate", server_round, out, replace(model, sha256=holds).audited())
     return out

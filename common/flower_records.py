@@ -27,7 +27,7 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedct.common.weights import Layout, Weights, digest, pack, unpack
+from fedct.common.weights import Layout, Weights, digest, is_digest, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ def model_ref(content: RecordDict) -> str | None:
     if ref is None:
         return None
     sha256 = ref.get("sha256")
-    if not isinstance(sha256, str):
-        raise ValueError("the message names a kept model without a digest")
-    return sha256
+    if not is_digest(sha256):
+        raise ValueError("the message names a kept model without a digest (64 hex digits)")
+    return str(sha256)
 
 
 def put_update(

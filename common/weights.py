@@ -156,6 +156,11 @@ def digest(flat: np.ndarray, layout: Layout) -> str:
     return sha.hexdigest()
 
 
+def is_digest(text: object) -> bool:
+    """Whether ``text`` is a digest as :func:`digest` writes it (64 lowercase hex digits)."""
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 @dataclass(frozen=True)
 class Layout:
     """The names and shapes of a packed model's arrays, in order."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,17 +44,17 @@ from fedct.server.round_report import RoundReport, weighted_mean
 from fedct.server.strategy import (
     STREAMED_MEAN,
     KeptModel,
+    asks_for_model,
     evaluation_config,
     flower_aggregate,
     for_transfer,
     kept_model,
     make_strategy,
-    model_needed,
     optimizer_state,
     restore_optimizer_state,
     site_reply,
     strategy_record,
-    with_model,
+    without_ref,
 )
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,16 @@ app = ServerApp()
 REPLY_POLL_S = 0.2
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list[Message]:
-    """Send ``messages``; their replies, as they come, until all are in or ``timeout`` passed."""
+def send_and_receive(
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    timeout: float,
+    follow_up: Callable[[Message], Message | None] | None = None,
+) -> list[Message]:
+    """Send ``messages``; their replies, as they come, until all are in or ``timeout`` passed.
+    ``follow_up``: for a reply that asks for something, the message answering it, sent at once
+    (while time is left), whose reply is awaited in that reply's place; None keeps the reply."""
     messages = list(messages)
     if not messages:
         return []
@@ -78,8 +86,16 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float)
     replies: list[Message] = []
     while pending:
         got = list(grid.pull_messages(pending))
-        replies.extend(got)
         pending -= {m.metadata.reply_to_message_id for m in got}
+        answers = []
+        for reply in got:
+            answer = follow_up(reply) if follow_up is not None else None
+            if answer is None:
+                replies.append(reply)
+            else:
+                answers.append(answer)
+        if answers and time.time() < deadline:
+            pending |= set(grid.push_messages(answers))
         if not pending or time.time() >= deadline:
             break
         time.sleep(REPLY_POLL_S)
@@ -214,25 +230,25 @@ def _train_phase(
     report: RoundReport,
 ) -> list[Message]:
     """Send ``weights`` to train (named by its digest to the sites that keep it); the replies.
-    A site that no longer keeps it says so, and is sent the model itself within the round."""
-    deadline = time.time() + fed.round_timeout
-    outgoing = for_transfer(
-        messages, weights, fed.transfer_dtype, kept=kept if fed.model_cache else None
+    A named site that no longer keeps it says so, and is sent the model at once."""
+    outgoing = for_transfer(messages, weights, fed.transfer_dtype, kept=kept)
+    named = {m.metadata.dst_node_id: m for m in outgoing if model_ref(m.content) is not None}
+    resent: set[int] = set()
+
+    def send_model(reply: Message) -> Message | None:
+        node = reply.metadata.src_node_id
+        if node not in named or node in resent or not asks_for_model(reply):
+            return None
+        resent.add(node)
+        log.warning("round %d: node %d no longer keeps the model; sending it", report.round, node)
+        (again,) = for_transfer([without_ref(named[node])], weights, fed.transfer_dtype)
+        return again
+
+    replies = send_and_receive(grid, outgoing, timeout=fed.round_timeout, follow_up=send_model)
+    report.details["model-kept-by"] = sum(  # trained from their own copy
+        1 for r in replies if not r.has_error() and r.metadata.src_node_id in named.keys() - resent
     )
-    replies = send_and_receive(grid, outgoing, timeout=fed.round_timeout)
-    needed = model_needed(replies)
-    named = sum(model_ref(m.content) is not None for m in outgoing)
-    report.details["model-kept-by"] = named - len(needed)
-    if not needed:
-        return replies
-    log.warning(
-        "round %d: %d site(s) no longer keep the model they evaluated; sending it to them",
-        report.round,
-        len(needed),
-    )
-    again = for_transfer(with_model(outgoing, needed), weights, fed.transfer_dtype)
-    rest = [r for r in replies if r.metadata.src_node_id not in needed]
-    return rest + send_and_receive(grid, again, timeout=max(0.0, deadline - time.time()))
+    return replies
 
 
 def _evaluate(
@@ -243,16 +259,16 @@ def _evaluate(
     weights: Weights,
     stats: TrainingStats,
     view: Grid,
-) -> tuple[list[Message], KeptModel]:
+) -> tuple[list[Message], KeptModel | None]:
     """One evaluation phase: ``weights`` to the sites the strategy picks; their replies, and
-    which of them keep ``weights`` for the next round's training."""
+    which of them keep ``weights`` for the next round's training (``model-cache``)."""
     messages = strategy.configure_evaluate(
         server_round, strategy_record(fed, weights, train=False), evaluation_config(stats), view
     )
     # float32 whatever transfer-dtype says: the metrics are those of the model the server keeps
     sent = for_transfer(messages, weights, "float32")
     replies = send_and_receive(grid, sent, timeout=fed.round_timeout)
-    return replies, kept_model(weights, sent, replies)
+    return replies, kept_model(weights, sent, replies) if fed.model_cache else None
 
 
 def _evaluate_start(
@@ -263,7 +279,7 @@ def _evaluate_start(
     view: Grid,
     sites: dict[int, str],
     path: Path,
-) -> KeptModel:
+) -> KeptModel | None:
     """Evaluate the starting model at the sites exactly like every round's model ("round 0"),
     so that what the federation added can be read against it; its record goes to ``path``
     (``start.json``), not to ``metrics.jsonl``. Which sites keep the starting model."""

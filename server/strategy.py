@@ -168,9 +168,9 @@ def kept_model(weights: Weights, sent: list[Message], replies: Iterable[Message]
     return KeptModel(weights, sha256, nodes)
 
 
-def model_needed(replies: Iterable[Message]) -> set[int]:
-    """The nodes that answered a named model with "not kept here" (they need it sent)."""
-    return {m.metadata.src_node_id for m in replies if _said(m, "status") == MODEL_NEEDED}
+def asks_for_model(reply: Message) -> bool:
+    """Whether a site answered a named model with "not kept here" (it needs the model sent)."""
+    return _said(reply, "status") == MODEL_NEEDED
 
 
 def _said(reply: Message, key: str) -> object:
@@ -181,22 +181,16 @@ def _said(reply: Message, key: str) -> object:
     return None if about is None else about.get(key)
 
 
-def with_model(messages: Iterable[Message], nodes: set[int]) -> list[Message]:
-    """New messages like ``messages`` to ``nodes``, without the model's name (to carry it)."""
-    out = []
-    for message in messages:
-        if message.metadata.dst_node_id not in nodes:
-            continue
-        content = RecordDict({k: v for k, v in message.content.items() if k != MODEL_REF})
-        out.append(
-            Message(
-                content=content,
-                dst_node_id=message.metadata.dst_node_id,
-                message_type=message.metadata.message_type,
-                group_id=message.metadata.group_id,
-            )
-        )
-    return out
+def without_ref(message: Message) -> Message:
+    """A new message like ``message``, to the same node, without the model's name (to carry
+    the model itself)."""
+    content = RecordDict({k: v for k, v in message.content.items() if k != MODEL_REF})
+    return Message(
+        content=content,
+        dst_node_id=message.metadata.dst_node_id,
+        message_type=message.metadata.message_type,
+        group_id=message.metadata.group_id,
+    )
 
 
 def site_reply(msg: Message, sites: dict[int, str], *, with_update: bool) -> SiteReply:
