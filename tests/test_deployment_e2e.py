@@ -96,7 +96,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         assert not left, f"processes left running: {left}"
 
 
-def test_tls_authenticated_federation_runs_and_resumes_after_restart(
+def test_tls_authenticated_federation_resumes_after_restart_and_stops_at_the_budget(
     federation: Federation,
 ) -> None:
     server = federation.server("--rounds", "1")
@@ -119,26 +119,31 @@ def test_tls_authenticated_federation_runs_and_resumes_after_restart(
         assert [e.round for e in read_entries(federation.site_state(name))] == [1]
 
     # The server stops and starts again on the same state folder: it resumes at round 2, and
-    # the hospitals' SuperNodes (still running) reconnect on their own.
-    server = federation.server("--rounds", "2")
+    # the hospitals' SuperNodes (still running) reconnect on their own. Round 3 is beyond the
+    # privacy horizon (planned-rounds = 2): both hospitals refuse to train, and the run goes on.
+    server = federation.server("--rounds", "3")
     assert federation.wait(server, 400) == 0, federation.logs()
     history = federation.metrics()
-    assert [r["round"] for r in history] == [1, 2]
+    assert [r["round"] for r in history] == [1, 2, 3]
     assert set(history[1]["train"]) == set(SITES)  # type: ignore[arg-type]
+    assert history[2]["train"] == {}
+    assert history[2]["exhausted"] == sorted(SITES)
     assert (checkpoints / "round-0002.safetensors").is_file()
     assert (federation.state / "run" / "final_model.safetensors").is_file()
     for name in SITES:
         entries = read_entries(federation.site_state(name))
-        assert [e.round for e in entries] == [1, 2]
+        assert [e.round for e in entries] == [1, 2]  # nothing spent beyond the budget
         assert entries[-1].epsilon <= 8.0
         audited = verify(federation.site_state(name))  # the hospital's audit log holds
-        # two rounds, and the starting model's evaluation before round 1 (not again on resume)
-        assert audited.kinds == {"train": 2, "evaluate": 3}
+        # three rounds, and the starting model's evaluation before round 1 (not again on resume)
+        assert audited.kinds == {"train": 3, "evaluate": 4}
         trained = [r for r in _audit_records(federation.site_state(name)) if r["kind"] == "train"]
-        # round 1 from the kept starting model; round 2, after the restart, the model was sent
-        assert [r["model"]["source"] for r in trained] == ["kept", "received"]
+        # round 1 from the kept starting model; round 2, after the restart, the model was sent;
+        # round 3 named the model each kept from round 2's evaluation
+        assert [r["model"]["source"] for r in trained] == ["kept", "received", "kept"]
+        assert trained[-1]["status"] == "budget-exhausted"
         assert audited.last_epsilon == pytest.approx(entries[-1].epsilon)
-    assert verify(federation.state / "run").kinds == {"round": 2}
+    assert verify(federation.state / "run").kinds == {"round": 3}
     assert all(c.poll() is None for c in federation.clients.values())
 
 
