@@ -27,7 +27,7 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedct.common.weights import Layout, Weights, digest, is_digest, pack, unpack
+from fedct.common.weights import Layout, Weights, is_digest, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,6 @@ def model_records(weights: Weights, dtype: str = "float32") -> tuple[ArrayRecord
 def put_model(content: RecordDict, weights: Weights, dtype: str = "float32") -> None:
     """Add ``weights`` to a message's content (replacing any model it held)."""
     content[ARRAYS], content[LAYOUT] = model_records(weights, dtype)
-
-
-def records_digest(arrays: ArrayRecord, layout: ConfigRecord) -> str:
-    """The digest of the model ``model_records`` packed (what a site computes on arrival)."""
-    return digest(array_view(arrays[MODEL]), Layout.from_config(layout))
 
 
 def put_model_ref(content: RecordDict, sha256: str) -> None:

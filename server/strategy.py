@@ -37,11 +37,11 @@ from fedct.common.flower_records import (
     is_update,
     model_of,
     model_records,
+    packed_of,
     put_model_ref,
-    records_digest,
 )
 from fedct.common.training_stats import TrainingStats
-from fedct.common.weights import Weights, applied
+from fedct.common.weights import Weights, applied, digest
 from fedct.server.round_report import SiteReply
 
 # Strategies whose aggregation is exactly FedAvg's weighted mean (FedProx differs only on the
@@ -162,8 +162,7 @@ def kept_model(weights: Weights, sent: list[Message], replies: Iterable[Message]
     whose reply names the digest of exactly what they were sent."""
     if not sent:
         return KeptModel(weights, "", frozenset())
-    content = sent[0].content
-    sha256 = records_digest(content.array_records[ARRAYS], content.config_records[LAYOUT])
+    sha256 = digest(*packed_of(sent[0].content))  # what each site computes on arrival
     nodes = frozenset(m.metadata.src_node_id for m in replies if _said(m, HOLDS) == sha256)
     return KeptModel(weights, sha256, nodes)
 
