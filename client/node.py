@@ -120,7 +120,8 @@ def site_executor_args(settings: NodeSettings) -> list[str]:
 
 # flower-supernode exits with status 1 on any error and prints its own code; this one means it
 # could not reach or activate at the SuperLink (server not up yet, this hospital's key not
-# registered yet, network down): worth trying again.
+# registered yet, network down, or its previous SuperNode, gone without deactivating, still
+# counted online until its heartbeats lapse): worth trying again.
 NO_SUPERLINK = b"Exit Code: 305"
 
 
@@ -163,8 +164,9 @@ def _supervise(settings: NodeSettings, env: dict[str, str], retry_wait_s: float)
             if code == 0 or not unreachable:
                 return code
             log.warning(
-                "cannot connect to %s (server down, or this hospital's key not registered "
-                "yet); trying again in %.0f s",
+                "cannot connect to %s (server down, this hospital's key not registered yet, "
+                "or, up to a minute after this client stopped abruptly, its earlier "
+                "connection not yet timed out); trying again in %.0f s",
                 settings.superlink,
                 retry_wait_s,
             )
