@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from fedct.common.errors import FedCTError
 from fedct.common.logs import configure_logging
+from fedct.common.processes import interruptible
 from fedct.common.version import FEDCT_VERSION
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(-1 if args.quiet else args.verbose)
+    interruptible()  # also when a shell started it in the background
     try:
         return int(handler(args))
     except FedCTError as err:

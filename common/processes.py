@@ -64,6 +64,19 @@ def stop_group(child: subprocess.Popen[bytes]) -> None:
         child.wait(timeout=1.0)  # reap the leader
 
 
+def interruptible() -> None:
+    """Make SIGINT interrupt this process (``KeyboardInterrupt``) even if it was started with
+    SIGINT ignored.
+
+    A shell starts a script's background job (``fedct client ... &``) with SIGINT ignored, and
+    Python then installs no handler for it: the command would ignore Ctrl-C and the SIGINT that
+    :func:`stop_group` sends first, and stop only on the SIGTERM 10 s later. FedCT's commands
+    stop cleanly on SIGINT, as Flower's processes do, so they take it back. Children they start
+    inherit a handled signal as the default one."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM (a CI time limit, a service manager) into ``SystemExit`` while inside, so

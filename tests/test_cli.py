@@ -1,13 +1,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from fedct.common.cli import COMMANDS, main
+from fedct.common.processes import free_port, start, stop_group
+from tests.conftest import write_tiny_site
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -79,3 +84,32 @@ def test_pretrain_writes_weights_and_rejects_bad_arguments(
     assert main([*args, "--set", "image-size=32", "--lesion-weight", "-1"]) == 1
     assert main(["pretrain", str(tiny_site), "--out", str(tmp_path / "w.pth")]) == 1
     assert main(["pretrain", str(tmp_path / "absent"), "--out", str(out)]) == 1
+
+
+@pytest.mark.slow
+def test_a_client_started_in_the_background_of_a_script_stops_on_sigint(tmp_path: Path) -> None:
+    """A shell starts `fedct client ... &` with SIGINT ignored; the client (and its SuperNode
+    and executor) must still stop on the SIGINT that Ctrl-C or stop_group sends, not only on
+    the SIGTERM stop_group sends 10 s later."""
+    data = write_tiny_site(tmp_path / "data", matrix=48)
+    args = [sys.executable, "-m", "fedct.common.cli", "client", "--site", "alpha"]
+    args += ["--data", str(data), "--state", str(tmp_path / "state"), "--insecure"]
+    args += ["--superlink", f"127.0.0.1:{free_port()}", "--runtime-port", str(free_port())]
+    log_path = tmp_path / "client.log"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the shell does for `... &`
+    try:
+        with log_path.open("wb") as log:
+            child = start(args, log=log)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        deadline = time.monotonic() + 120
+        # nobody listens: the SuperNode is up and keeps trying to connect
+        while b"Connection attempt failed" not in log_path.read_bytes():
+            assert child.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        os.killpg(child.pid, signal.SIGINT)
+        assert child.wait(timeout=8.0) == 130, log_path.read_text()
+    finally:
+        stop_group(child)
