@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,3 +79,30 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(self, address)  # type: ignore[arg-type]
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def process_groups_under(pids: set[int]) -> set[int]:
+    """The process groups of ``pids`` and of all their descendants (a `fedct client` runs its
+    SuperNode in a group of its own)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,pgid="], capture_output=True, text=True)
+    rows = [tuple(int(v) for v in line.split()) for line in out.stdout.splitlines()]
+    found, groups = set(pids), set(pids)
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid, pgid in rows:
+            if ppid in found and pid not in found:
+                found.add(pid)
+                groups.add(pgid)
+                grew = True
+    return groups
+
+
+def groups_alive(pgids: set[int]) -> list[str]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,args="], capture_output=True, text=True)
+    alive = []
+    for line in out.stdout.splitlines():
+        pgid, stat, *_ = line.split(None, 2)
+        if int(pgid) in pgids and not stat.startswith("Z"):
+            alive.append(line)
+    return alive

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from fedct.common.cli import COMMANDS, main
 from fedct.common.processes import free_port, start, stop_group
-from tests.conftest import write_tiny_site
+from tests.conftest import groups_alive, process_groups_under, write_tiny_site
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -102,6 +103,7 @@ def test_a_client_started_in_the_background_of_a_script_stops_on_sigint(tmp_path
             child = start(args, log=log)
     finally:
         signal.signal(signal.SIGINT, previous)
+    groups = {child.pid}
     try:
         deadline = time.monotonic() + 120
         # nobody listens: the SuperNode is up and keeps trying to connect
@@ -109,7 +111,12 @@ def test_a_client_started_in_the_background_of_a_script_stops_on_sigint(tmp_path
             assert child.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
-        os.killpg(child.pid, signal.SIGINT)
-        assert child.wait(timeout=8.0) == 130, log_path.read_text()
+        groups = process_groups_under({child.pid})  # its SuperNode and executor: own groups
+        os.killpg(child.pid, signal.SIGINT)  # only the client's group, as Ctrl-C would
+        assert child.wait(timeout=30.0) == 130, log_path.read_text()
+        assert not groups_alive(groups), "the client stopped, its children did not"
     finally:
         stop_group(child)
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
