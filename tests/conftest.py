@@ -99,6 +99,7 @@ def process_groups_under(pids: set[int]) -> set[int]:
 
 
 def groups_alive(pgids: set[int]) -> list[str]:
+    """The ``ps`` lines of the live (not zombie) processes in the process groups ``pgids``."""
     out = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,args="], capture_output=True, text=True)
     alive = []
     for line in out.stdout.splitlines():
