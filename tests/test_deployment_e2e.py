@@ -137,7 +137,7 @@ def test_a_hospital_that_drops_out_mid_round_does_not_stop_the_federation(
         "--set",
         "min-sites=1",
         "--set",
-        "round-timeout=60.0",  # the round beta drops out of waits this long for it
+        "round-timeout=60.0",  # the round beta drops out of waits at most this long for it
         "--set",
         f"planned-rounds={rounds}",  # every round within the sites' privacy budgets
     )
